@@ -1,0 +1,75 @@
+"""headrace: Go's concurrency-at-scale toolbox for asyncio.
+
+The public names are re-exported here; the modules behind them are private
+(``headrace._ratelimit`` ...) and may move. Submodules with optional dependencies are
+imported on their own: :mod:`headrace.http`, :mod:`headrace.messaging`,
+:mod:`headrace.testing`. Importing ``headrace`` imports no broker client.
+"""
+
+from ._cancel import CancelToken as CancelToken
+from ._cancel import DeadlineScope as DeadlineScope
+from ._cancel import current_cancel_token as current_cancel_token
+from ._cancel import deadline as deadline
+from ._cancel import run_in_thread as run_in_thread
+from ._cancel import shielded as shielded
+from ._clock import Clock as Clock
+from ._clock import MonotonicClock as MonotonicClock
+from ._clock import default_clock as default_clock
+from ._errors import BrokerConnectionError as BrokerConnectionError
+from ._errors import BrokerError as BrokerError
+from ._errors import ClosedResourceError as ClosedResourceError
+from ._errors import ConfigurationError as ConfigurationError
+from ._errors import DeadlineExceeded as DeadlineExceeded
+from ._errors import EndOfChannel as EndOfChannel
+from ._errors import HeadraceError as HeadraceError
+from ._errors import HttpError as HttpError
+from ._errors import HttpStatusError as HttpStatusError
+from ._errors import HttpTransportError as HttpTransportError
+from ._errors import InternalError as InternalError
+from ._errors import InvalidMessage as InvalidMessage
+from ._errors import MessagingError as MessagingError
+from ._errors import PublishError as PublishError
+from ._errors import RateLimitExceeded as RateLimitExceeded
+from ._errors import SupervisorError as SupervisorError
+from ._errors import WouldBlock as WouldBlock
+from ._errors import error_boundary as error_boundary
+from ._errors import redact as redact
+from ._errors import translate_errors as translate_errors
+from ._retry import Retry as Retry
+from ._retry import RetryBudget as RetryBudget
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "BrokerConnectionError",
+    "BrokerError",
+    "CancelToken",
+    "Clock",
+    "ClosedResourceError",
+    "ConfigurationError",
+    "DeadlineExceeded",
+    "DeadlineScope",
+    "EndOfChannel",
+    "HeadraceError",
+    "HttpError",
+    "HttpStatusError",
+    "HttpTransportError",
+    "InternalError",
+    "InvalidMessage",
+    "MessagingError",
+    "MonotonicClock",
+    "PublishError",
+    "RateLimitExceeded",
+    "Retry",
+    "RetryBudget",
+    "SupervisorError",
+    "WouldBlock",
+    "current_cancel_token",
+    "deadline",
+    "default_clock",
+    "error_boundary",
+    "redact",
+    "run_in_thread",
+    "shielded",
+    "translate_errors",
+]
