@@ -76,9 +76,8 @@ async def test_inner_deadline_fires_first(clock: VirtualClock) -> None:
 async def test_outer_deadline_fires_through_inner(clock: VirtualClock) -> None:
     """When the outer deadline fires, the inner block does not claim the timeout."""
     with pytest.raises(DeadlineExceeded) as caught:
-        async with deadline(1, cause="outer"):
-            async with deadline(10, cause="inner"):
-                await asyncio.sleep(5)
+        async with deadline(1, cause="outer"), deadline(10, cause="inner"):
+            await asyncio.sleep(5)
     assert caught.value.cause == "outer"
     assert clock.now() == 1
     assert _cancelling() == 0
@@ -87,9 +86,8 @@ async def test_outer_deadline_fires_through_inner(clock: VirtualClock) -> None:
 async def test_same_instant_nested_deadlines_report_the_outer(clock: VirtualClock) -> None:
     """Two deadlines expiring together: one DeadlineExceeded, counts balanced."""
     with pytest.raises(DeadlineExceeded) as caught:
-        async with deadline(1, cause="outer"):
-            async with deadline(1, cause="inner"):
-                await asyncio.sleep(5)
+        async with deadline(1, cause="outer"), deadline(1, cause="inner"):
+            await asyncio.sleep(5)
     assert caught.value.cause == "outer"
     assert _cancelling() == 0
 
@@ -258,12 +256,13 @@ def test_current_cancel_token_outside_a_thread_call_is_inert() -> None:
 @pytest.mark.real_time
 async def test_run_in_thread_cancels_the_token_and_waits_for_the_thread() -> None:
     """Cancelling the awaiting task cancels the thread's token; the task waits for it."""
-    entered = threading.Event()
+    loop = asyncio.get_running_loop()
+    entered = asyncio.Event()
     finished = threading.Event()
 
     def work() -> str:
         token = current_cancel_token()
-        entered.set()
+        loop.call_soon_threadsafe(entered.set)
         while not token.wait(0.01):
             pass
         time.sleep(0.05)  # cleanup in the thread after it noticed
@@ -271,8 +270,7 @@ async def test_run_in_thread_cancels_the_token_and_waits_for_the_thread() -> Non
         return "stopped"
 
     task = asyncio.create_task(run_in_thread(work))
-    while not entered.is_set():
-        await asyncio.sleep(0.005)
+    await entered.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -168,7 +168,7 @@ def test_translate_errors_passes_unmapped_and_headrace_errors() -> None:
 def test_error_boundary_turns_the_unexpected_into_a_bug() -> None:
     """An unexpected exception crossing a boundary becomes kind='bug' with its cause."""
     with pytest.raises(InternalError) as caught, error_boundary("orders.handle"):
-        {}["missing"]  # noqa: B018 -- the KeyError is the point
+        {}["missing"]
     assert caught.value.kind == "bug"
     assert caught.value.context["where"] == "orders.handle"
     assert isinstance(caught.value.__cause__, KeyError)

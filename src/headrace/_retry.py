@@ -187,7 +187,8 @@ class RetryBudget:
             self.min_per_second, self._reserve + (now - self._last_refill) * self.min_per_second
         )
         self._last_refill = now
-        if self._tokens >= 1.0:
+        # The epsilon forgives float sums: ten deposits of 0.2 must buy two retries.
+        if self._tokens >= 1.0 - 1e-9:
             self._tokens -= 1.0
             return True
         if self._reserve >= 1.0:
