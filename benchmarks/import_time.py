@@ -40,8 +40,8 @@ def main() -> None:
         [
             sys.executable,
             "-c",
-            "import sys, headrace; print(','.join(m for m in %r if m in sys.modules))"
-            % (EAGER_FORBIDDEN,),
+            f"import sys, headrace; print(','.join(m for m in {EAGER_FORBIDDEN!r} "
+            "if m in sys.modules))",
         ],
         check=True,
         capture_output=True,
