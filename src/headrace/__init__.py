@@ -12,6 +12,8 @@ from ._cancel import current_cancel_token as current_cancel_token
 from ._cancel import deadline as deadline
 from ._cancel import run_in_thread as run_in_thread
 from ._cancel import shielded as shielded
+from ._channel import Channel as Channel
+from ._channel import ChannelStatistics as ChannelStatistics
 from ._clock import Clock as Clock
 from ._clock import MonotonicClock as MonotonicClock
 from ._clock import default_clock as default_clock
@@ -44,6 +46,8 @@ __all__ = [
     "BrokerConnectionError",
     "BrokerError",
     "CancelToken",
+    "Channel",
+    "ChannelStatistics",
     "Clock",
     "ClosedResourceError",
     "ConfigurationError",
