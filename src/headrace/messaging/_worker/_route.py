@@ -1,0 +1,531 @@
+"""One handler's machinery: the fetch loop, the handler slots, the acker, the leases.
+
+Every fetched message is in exactly one place at any time, so shutdown can account
+for all of them:
+
+* ``buffer``: fetched, not yet given to a handler (handed back at once on stop);
+* ``in_flight``: a handler is working on it (finished, or handed back if cancelled);
+* ``to_ack``: handled, waiting for the next batched ack (always flushed on stop);
+* nowhere: acked, nacked for a retry, dead-lettered or handed back (settled).
+
+Nacks and dead-letters run under :func:`~headrace.shielded`, and the message leaves
+``in_flight`` inside the shielded call, so a cancellation can never leave it half
+settled: either the broker call finished and the message is gone from the books, or
+it is still in ``in_flight`` and will be handed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..._cancel import deadline, shielded
+from ..._clock import Clock
+from ..._errors import DeadlineExceeded, HeadraceError, InternalError, InvalidMessage
+from ..._retry import Retry
+from .._broker import Broker, Message
+
+if TYPE_CHECKING:
+    from .._idempotency import IdempotencyStore
+
+__all__ = ["Handler", "HandlerSpec", "RateLimiter", "Route", "worker_retryable"]
+
+logger = logging.getLogger("headrace.messaging.worker")
+
+Handler = Callable[[Message], Awaitable[None]]
+
+
+class RateLimiter(Protocol):
+    """Anything with ``await acquire()``: a :class:`~headrace.TokenBucket`, an aiolimiter."""
+
+    async def acquire(self) -> Any: ...
+
+
+def worker_retryable(exc: BaseException) -> bool:
+    """The worker's default: retry every failure unless a headrace error says it is final.
+
+    A handler's own exceptions (``KeyError``, a driver error) may well pass next time,
+    so they are retried up to ``max_attempts``; a :class:`~headrace.HeadraceError` with
+    ``transient=False`` (an invalid message, a failed compensation) goes to the
+    dead-letter queue at once.
+    """
+    if not isinstance(exc, Exception):
+        return False
+    if isinstance(exc, HeadraceError):
+        return exc.transient
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    """What ``@worker.handler(...)`` registered (validated by the worker)."""
+
+    topic: str
+    fn: Handler
+    name: str
+    concurrency: int
+    prefetch: int
+    timeout: float | None
+    retry: Retry
+    rate_limit: RateLimiter | None
+    idempotency: IdempotencyStore | None
+    max_message_bytes: int | None
+
+
+def _decode_error_types() -> tuple[type[BaseException], ...]:
+    import msgspec
+
+    return (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
+
+
+class Counters:
+    """Mutable counters shared by a worker's routes (read through ``statistics()``)."""
+
+    __slots__ = (
+        "ack_failures",
+        "acked",
+        "dead_lettered",
+        "duplicates",
+        "failed",
+        "fetched",
+        "handed_back",
+        "handled",
+        "retried",
+        "settle_failures",
+    )
+
+    def __init__(self) -> None:
+        self.fetched = 0
+        self.handled = 0
+        self.failed = 0
+        self.retried = 0
+        self.dead_lettered = 0
+        self.duplicates = 0
+        self.acked = 0
+        self.handed_back = 0
+        self.ack_failures = 0
+        self.settle_failures = 0
+
+
+class Route:
+    """The fetch → handle → ack machinery of one handler (one topic)."""
+
+    def __init__(
+        self,
+        spec: HandlerSpec,
+        broker: Broker,
+        counters: Counters,
+        *,
+        clock: Clock,
+        lease: float,
+        fetch_timeout: float,
+        ack_batch: int,
+        ack_interval: float,
+        settle_timeout: float,
+    ) -> None:
+        self.spec = spec
+        self.broker = broker
+        self.counters = counters
+        self.clock = clock
+        self.lease = lease
+        self.fetch_timeout = fetch_timeout
+        self.ack_batch = ack_batch
+        self.ack_interval = ack_interval
+        self.settle_timeout = settle_timeout
+        self.capacity = spec.concurrency + spec.prefetch
+        self.buffer: deque[Message] = deque()
+        self.in_flight: dict[int, Message] = {}
+        self.to_ack: list[Message] = []
+        self.lease_until: dict[int, float] = {}
+        self.stopping = False
+        self.acker_stopping = False
+        self.last_activity = clock.now()
+        # When the latest retry this worker scheduled comes due: not idle before then.
+        self.retry_due = -math.inf
+        self.fetch_empty = False
+        self._idle_slots: deque[asyncio.Future[Message | None]] = deque()
+        self._space = asyncio.Event()
+        self._ack_ready = asyncio.Event()
+        self._ack_full: asyncio.Future[None] | None = None
+        self._decode_errors = _decode_error_types()
+
+    # -- bookkeeping -------------------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        return len(self.buffer) + len(self.in_flight)
+
+    def idle_for(self, now: float) -> float:
+        """Seconds this route has had nothing to do (0 while busy or a retry is due)."""
+        if not self.fetch_empty or self.held or self.to_ack:
+            return 0.0
+        return max(0.0, now - max(self.last_activity, self.retry_due))
+
+    def _release(self, message: Message) -> None:
+        """The message left ``in_flight``: its slot and its lease are free."""
+        key = id(message)
+        self.in_flight.pop(key, None)
+        self.lease_until.pop(key, None)
+        self.last_activity = self.clock.now()
+        self._space.set()
+
+    def _settle_ack(self, message: Message) -> None:
+        self._release(message)
+        self.to_ack.append(message)
+        self.counters.handled += 1
+        if len(self.to_ack) == 1:
+            self._ack_ready.set()
+        if len(self.to_ack) >= self.ack_batch and self._ack_full is not None:
+            _resolve(self._ack_full)
+
+    # -- fetching ----------------------------------------------------------------
+
+    async def fetch_loop(self) -> None:
+        """Fetch as many messages as there are free slots, until told to stop."""
+        failures = 0
+        while not self.stopping:
+            free = self.capacity - self.held
+            if free <= 0:
+                self._space.clear()
+                await self._space.wait()
+                continue
+            try:
+                messages = await self.broker.fetch(
+                    self.spec.topic, free, timeout=self.fetch_timeout, lease=self.lease
+                )
+            except Exception as exc:
+                failures += 1
+                delay = min(5.0, 0.05 * 2 ** min(failures, 10))
+                logger.warning(
+                    "fetch from %r failed (%s); retrying in %.2f s",
+                    self.spec.topic,
+                    exc,
+                    delay,
+                    extra={"topic": self.spec.topic},
+                )
+                await self._sleep_unless_stopping(delay)
+                continue
+            failures = 0
+            if not messages:
+                self.fetch_empty = True
+                continue
+            self.fetch_empty = False
+            now = self.clock.now()
+            self.last_activity = now
+            until = now + self.lease
+            for message in messages:
+                self.lease_until[id(message)] = until
+            self.counters.fetched += len(messages)
+            self.buffer.extend(messages)
+            self._dispatch()
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        end = self.clock.now() + seconds
+        while not self.stopping and self.clock.now() < end:
+            self._space.clear()
+            waiter = asyncio.ensure_future(self._space.wait())
+            handle = self.clock.call_at(end, waiter.cancel)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if not waiter.cancelled() or self._current_task_cancelling():
+                    raise
+            finally:
+                handle.cancel()
+                waiter.cancel()
+
+    @staticmethod
+    def _current_task_cancelling() -> bool:
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
+
+    def _dispatch(self) -> None:
+        while self.buffer and self._idle_slots:
+            waiter = self._idle_slots.popleft()
+            if not waiter.done():
+                waiter.set_result(self.buffer.popleft())
+
+    def take_buffer(self) -> list[Message]:
+        """Remove and return every fetched-but-unstarted message (for a hand-back)."""
+        taken = list(self.buffer)
+        self.buffer.clear()
+        for message in taken:
+            self.lease_until.pop(id(message), None)
+        return taken
+
+    def stop(self) -> None:
+        """Stop fetching and starting handlers; idle slots exit."""
+        self.stopping = True
+        self._space.set()
+        while self._idle_slots:
+            waiter = self._idle_slots.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- handling ----------------------------------------------------------------
+
+    async def _next(self) -> Message | None:
+        if self.stopping:
+            return None
+        if self.buffer:
+            return self.buffer.popleft()
+        waiter: asyncio.Future[Message | None] = asyncio.get_running_loop().create_future()
+        self._idle_slots.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            # A message handed to us in the same instant must not vanish with the slot.
+            if waiter.done() and not waiter.cancelled():
+                message = waiter.result()
+                if message is not None:
+                    self.buffer.appendleft(message)
+            raise
+
+    async def slot(self) -> None:
+        """One handler slot: take a message, handle it, settle it; repeat."""
+        while True:
+            message = await self._next()
+            if message is None:
+                return
+            self.in_flight[id(message)] = message
+            try:
+                await self._process(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug in the worker itself: keep the message on the books (it is
+                # handed back on stop) and keep the slot alive.
+                logger.exception("worker bug while processing message %s", message.id)
+
+    async def _process(self, message: Message) -> None:
+        spec = self.spec
+        limit = spec.max_message_bytes
+        if limit is not None and len(message.body) > limit:
+            error = InvalidMessage(
+                f"message {message.id} on {spec.topic!r} is {len(message.body)} bytes, "
+                f"over max_message_bytes={limit}",
+                code="message_too_large",
+                context={"topic": spec.topic, "message_id": message.id, "size": len(message.body)},
+            )
+            await self._dead_letter(message, error, reason="invalid_message")
+            return
+        store = spec.idempotency
+        key = ""
+        if store is not None:
+            key = idempotency_key(message)
+            if await store.seen(key):
+                self.counters.duplicates += 1
+                self._settle_ack(message)
+                return
+        try:
+            if spec.rate_limit is not None:
+                await spec.rate_limit.acquire()
+            if spec.timeout is None:
+                await spec.fn(message)
+            else:
+                async with deadline(
+                    spec.timeout, cause=f"handler {spec.name} timeout", clock=self.clock
+                ):
+                    await spec.fn(message)
+        except Exception as exc:
+            await self._failed(message, exc)
+            return
+        if store is not None:
+            try:
+                await store.record(key)
+            except Exception as exc:
+                # The effect happened; nacking would repeat it. Ack, and say the key
+                # was not recorded (a later redelivery could repeat the effect).
+                logger.error("could not record idempotency key %r: %s", key, exc)
+        self._settle_ack(message)
+
+    async def _failed(self, message: Message, exc: Exception) -> None:
+        spec = self.spec
+        self.counters.failed += 1
+        context = {
+            "topic": spec.topic,
+            "handler": spec.name,
+            "message_id": message.id,
+            "attempt": message.attempt,
+        }
+        error: HeadraceError
+        if isinstance(exc, HeadraceError):
+            error = exc
+        elif isinstance(exc, self._decode_errors):
+            error = InvalidMessage.wrap(
+                exc,
+                f"handler {spec.name} could not decode message {message.id}: {exc}",
+                context=context,
+            )
+        else:
+            error = InternalError.wrap(
+                exc,
+                f"handler {spec.name} raised {type(exc).__name__} on message {message.id}: {exc}",
+                context=context,
+            )
+        if isinstance(error, InvalidMessage):
+            await self._dead_letter(message, error, reason="invalid_message")
+            return
+        delay = spec.retry.next_delay(exc, message.attempt, 0.0)
+        if delay is None:
+            reason = (
+                "max_attempts" if message.attempt >= spec.retry.max_attempts else "not_retryable"
+            )
+            await self._dead_letter(message, error, reason=reason)
+            return
+        logger.warning(
+            "handler %s failed on message %s (attempt %d, error_id %s): %s; retry in %.3g s",
+            spec.name,
+            message.id,
+            message.attempt,
+            error.error_id,
+            exc,
+            delay,
+        )
+        await self._settle(self._nack(message, delay), message, "nack")
+
+    async def _nack(self, message: Message, delay: float) -> None:
+        delayed = delay if self.broker.capabilities.delayed_nack else 0.0
+        await self.broker.nack([message], delay=delayed)
+        self.retry_due = max(self.retry_due, self.clock.now() + delayed)
+        self.counters.retried += 1
+
+    async def _dead_letter(self, message: Message, error: HeadraceError, *, reason: str) -> None:
+        record = error.to_dict()
+        record["reason"] = reason
+        record["handler"] = self.spec.name
+        record["message_id"] = message.id
+        record["attempt"] = message.attempt
+        logger.error(
+            "dead-lettering message %s of %r (%s, attempt %d, error_id %s): %s",
+            message.id,
+            self.spec.topic,
+            reason,
+            message.attempt,
+            error.error_id,
+            error.message,
+        )
+        await self._settle(self._store_dead_letter(message, record), message, "dead_letter")
+
+    async def _store_dead_letter(self, message: Message, record: dict[str, Any]) -> None:
+        await self.broker.dead_letter(message, record)
+        self.counters.dead_lettered += 1
+
+    async def _settle(self, operation: Awaitable[None], message: Message, what: str) -> None:
+        async def settle() -> None:
+            try:
+                await operation
+            except Exception as exc:
+                # The message stays leased by the broker; its lease expires and it is
+                # delivered again, so nothing is lost, only delayed.
+                self.counters.settle_failures += 1
+                logger.error("%s of message %s failed: %s", what, message.id, exc)
+            finally:
+                self._release(message)
+
+        try:
+            await shielded(settle(), timeout=self.settle_timeout, cause=f"{what} of {message.id}")
+        except DeadlineExceeded as exc:
+            self.counters.settle_failures += 1
+            logger.error("%s of message %s timed out: %s", what, message.id, exc)
+
+    # -- acking ------------------------------------------------------------------
+
+    async def ack_loop(self) -> None:
+        """Ack handled messages in batches: when ``ack_batch`` are ready or after
+        ``ack_interval`` seconds; exits only after a final flush once told to stop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.to_ack:
+                if self.acker_stopping:
+                    return
+                self._ack_ready.clear()
+                await self._ack_ready.wait()
+                continue
+            if len(self.to_ack) < self.ack_batch and not self.acker_stopping:
+                full: asyncio.Future[None] = loop.create_future()
+                self._ack_full = full
+                handle = self.clock.call_at(
+                    self.clock.now() + self.ack_interval, functools.partial(_resolve, full)
+                )
+                try:
+                    await full
+                finally:
+                    handle.cancel()
+                    self._ack_full = None
+            batch, self.to_ack = self.to_ack[: self.ack_batch], self.to_ack[self.ack_batch :]
+            await self._ack(batch)
+
+    async def _ack(self, batch: list[Message]) -> None:
+        for attempt in range(1, 4):
+            try:
+                async with deadline(self.settle_timeout, cause="ack", clock=self.clock):
+                    await self.broker.ack(batch)
+            except Exception as exc:
+                if attempt == 3:
+                    self.counters.ack_failures += len(batch)
+                    logger.error(
+                        "ack of %d messages on %r failed 3 times (%s); they will be "
+                        "delivered again when their leases expire",
+                        len(batch),
+                        self.spec.topic,
+                        exc,
+                    )
+                    return
+                await self.clock.sleep(0.05 * attempt)
+            else:
+                self.counters.acked += len(batch)
+                return
+
+    def stop_acker(self) -> None:
+        """Let the acker flush everything left and exit."""
+        self.acker_stopping = True
+        self._ack_ready.set()
+        if self._ack_full is not None:
+            _resolve(self._ack_full)
+
+    # -- leases ------------------------------------------------------------------
+
+    async def lease_loop(self) -> None:
+        """Extend the leases of held messages a third of the lease before they expire.
+
+        Long handlers would otherwise lose their message to another consumer halfway.
+        """
+        if not math.isfinite(self.lease) or not self.broker.capabilities.lease_extension:
+            return
+        period = self.lease / 3
+        while True:
+            await self.clock.sleep(period)
+            now = self.clock.now()
+            due = [
+                message
+                for message in (*self.buffer, *self.in_flight.values())
+                if self.lease_until.get(id(message), math.inf) - now <= 2 * period
+            ]
+            if not due:
+                continue
+            try:
+                await self.broker.extend_lease(due, self.lease)
+            except Exception as exc:
+                logger.warning("extending %d leases failed: %s", len(due), exc)
+                continue
+            until = self.clock.now() + self.lease
+            for message in due:
+                if id(message) in self.lease_until:
+                    self.lease_until[id(message)] = until
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def idempotency_key(message: Message) -> str:
+    """The key an idempotent handler's effect is recorded under: topic and key (or id)."""
+    return f"{message.topic}:{message.key if message.key is not None else message.id}"
