@@ -1,0 +1,80 @@
+"""The broker cases every conformance test runs against.
+
+A *case* builds brokers for one test: ``broker_case.make(**options)`` returns a new,
+not yet connected broker; every broker one test makes shares one fresh, isolated store
+(the same ``memory://`` name, the same SQLite file, the same Redis key prefix), so a
+test can play two consumers or a restart. Options every case accepts: ``max_deliveries``.
+
+Brokers use their default clock, which reads the running loop's time: virtual time
+on the virtual-clock loop, real time under ``real_time``. To add an adapter: write a
+``_<name>_case(request)`` function returning the maker, and add one line to
+``BROKER_CASES`` (``real_time=True`` when the adapter does real network I/O and must
+not run on the virtual clock).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from headrace.messaging import Broker, MemoryBroker
+
+BrokerMaker = Callable[..., Broker]
+
+_names = itertools.count()
+
+
+def _memory_case(request: pytest.FixtureRequest) -> BrokerMaker:
+    name = f"conformance-{next(_names)}"
+
+    def make(**options: Any) -> Broker:
+        return MemoryBroker(name, **options)
+
+    return make
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    build: Callable[[pytest.FixtureRequest], BrokerMaker]
+    real_time: bool = False
+
+
+BROKER_CASES: dict[str, CaseSpec] = {
+    "memory": CaseSpec(_memory_case),
+}
+
+
+@dataclass(frozen=True)
+class BrokerCase:
+    """One adapter under test: ``make(**options)`` builds brokers on this test's store."""
+
+    name: str
+    make: BrokerMaker
+    real_time: bool
+
+    @asynccontextmanager
+    async def open(self, **options: Any) -> AsyncIterator[Broker]:
+        """A new connected broker on this test's store, closed on exit."""
+        broker = self.make(**options)
+        await broker.connect()
+        try:
+            yield broker
+        finally:
+            await broker.close()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(name, marks=[pytest.mark.real_time] if spec.real_time else [], id=name)
+        for name, spec in BROKER_CASES.items()
+    ]
+)
+def broker_case(request: pytest.FixtureRequest) -> BrokerCase:
+    """Each registered adapter in turn, on a fresh isolated store."""
+    spec = BROKER_CASES[request.param]
+    return BrokerCase(request.param, spec.build(request), spec.real_time)
