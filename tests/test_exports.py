@@ -1,0 +1,64 @@
+"""The public names are pinned: adding one is a decision, removing one a break."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import headrace
+
+EXPECTED = {
+    "BrokerConnectionError",
+    "BrokerError",
+    "CancelToken",
+    "Channel",
+    "ChannelStatistics",
+    "Clock",
+    "ClosedResourceError",
+    "ConfigurationError",
+    "DeadlineExceeded",
+    "DeadlineScope",
+    "EndOfChannel",
+    "HeadraceError",
+    "HttpError",
+    "HttpStatusError",
+    "HttpTransportError",
+    "InternalError",
+    "InvalidMessage",
+    "MessagingError",
+    "MonotonicClock",
+    "PublishError",
+    "RateLimitExceeded",
+    "Retry",
+    "RetryBudget",
+    "SupervisorError",
+    "WouldBlock",
+    "current_cancel_token",
+    "deadline",
+    "default_clock",
+    "error_boundary",
+    "redact",
+    "run_in_thread",
+    "shielded",
+    "translate_errors",
+}
+
+
+def test_all_is_pinned_and_sorted() -> None:
+    """headrace.__all__ is exactly the expected set, sorted, and every name resolves."""
+    assert set(headrace.__all__) == EXPECTED
+    assert list(headrace.__all__) == sorted(headrace.__all__)
+    for name in headrace.__all__:
+        assert getattr(headrace, name) is not None
+
+
+def test_import_headrace_imports_no_client_library() -> None:
+    """B8: importing headrace loads no broker client, HTTP library or test helper."""
+    heavy = ["redis", "nats", "aio_pika", "psycopg", "aiohttp", "httpx", "rich", "looptime"]
+    probe = (
+        f"import sys, headrace; print(','.join(name for name in {heavy!r} if name in sys.modules))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert completed.stdout.strip() == ""
