@@ -1,0 +1,1050 @@
+"""The :class:`Fetcher`: bounded, pooled, rate-limited HTTP fan-out over one aiohttp session.
+
+Why it looks like this (seed 004, and the measurements in issue 7): 5,000 concurrent
+GETs die of port exhaustion when every request opens its own connection. Three things
+keep the number of sockets at the concurrency limit: one shared connection pool whose
+size equals the concurrency, a bounded set of long-lived workers instead of one task per
+URL, and reading (or deliberately closing) every body so that each connection goes back
+to the pool. This module does all three and counts what happened.
+
+Slots: a request first waits for the per-host rate limiter (if any), then for a slot on
+its host (``per_host``) and a global slot (``max_concurrency``). Only then does the
+``total`` timeout start, so queueing never eats into a request's own time; the wait for
+the slots has its own bound, ``Timeouts.slot_wait``. aiohttp's connector gets the same
+limits, so it never has to queue itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import warnings
+import weakref
+from collections import Counter
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
+from contextlib import asynccontextmanager
+from typing import Any, Protocol, runtime_checkable
+
+import aiohttp
+from yarl import URL
+
+from .._cancel import deadline
+from .._clock import Clock, default_clock
+from .._errors import (
+    ClosedResourceError,
+    ConfigurationError,
+    DeadlineExceeded,
+    HeadraceError,
+    HttpError,
+    HttpTransportError,
+    InternalError,
+)
+from .._retry import Retry, RetryBudget
+from ._models import (
+    RETRYABLE_STATUSES,
+    FetcherStatistics,
+    Request,
+    Response,
+    Result,
+    Timeouts,
+    parse_retry_after,
+    redact_url,
+    status_error,
+)
+
+__all__ = ["DEFAULT_RETRY", "Fetcher", "ResultStream", "StreamResponse", "SupportsAcquire"]
+
+#: Three tries, 0.1 s doubling up to 5 s, full jitter: enough to ride out a blip or a
+#: 429 without tripling the load on a service that is really down (the budget caps that).
+DEFAULT_RETRY = Retry(max_attempts=3, initial_delay=0.1, max_delay=5.0)
+
+_NO_BODY_STATUSES = frozenset({204, 304})
+_READ_CHUNK = 64 * 1024
+
+
+@runtime_checkable
+class SupportsAcquire(Protocol):
+    """Anything with ``await acquire()`` that waits for permission (``TokenBucket`` fits)."""
+
+    def acquire(self) -> Awaitable[Any]: ...
+
+
+RateLimit = SupportsAcquire | Callable[[str], SupportsAcquire] | float
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _Prepared:
+    """A request with its URL parsed once and its host key computed (hot path)."""
+
+    __slots__ = ("data", "host", "request", "url", "url_text")
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.url_text = redact_url(request.url)
+        try:
+            url = URL(request.url)
+        except (ValueError, TypeError) as exc:
+            raise _invalid_url(request, self.url_text, str(exc)) from exc
+        if url.scheme not in ("http", "https") or not url.host:
+            raise _invalid_url(request, self.url_text, "an absolute http(s) URL is required")
+        self.url = url
+        self.host = f"{url.scheme}://{url.host}:{url.port}"
+        body = request.body
+        self.data = body.encode() if isinstance(body, str) else body
+
+
+def _invalid_url(request: Request, url_text: str, why: str) -> HttpError:
+    return HttpError(
+        f"{request.method} {url_text}: invalid URL ({why})",
+        code="http_invalid_url",
+        public_message="The request URL is invalid.",
+        transient=False,
+        context={"method": request.method, "url": url_text},
+    )
+
+
+def _body_too_large(prepared: _Prepared, limit: int, seen: int | None) -> HttpError:
+    request = prepared.request
+    size = "unknown" if seen is None else str(seen)
+    return HttpError(
+        f"{request.method} {prepared.url_text}: body exceeds max_body_size={limit} bytes "
+        f"(at least {size} bytes)",
+        code="http_body_too_large",
+        public_message="An upstream response was too large.",
+        transient=False,
+        context={"method": request.method, "url": prepared.url_text, "max_body_size": limit},
+    )
+
+
+class StreamResponse:
+    """A response whose body you read yourself, inside :meth:`Fetcher.stream`.
+
+    ``status``, ``reason``, ``headers`` and ``url`` are available at once; read the body
+    with :meth:`read` (capped at the fetcher's ``max_body_size``) or iterate
+    :meth:`iter_chunks`. Whatever you leave unread is drained (up to ``drain_limit``
+    bytes) or the connection closed when the ``async with`` block ends. Belongs to the
+    task that opened it.
+    """
+
+    __slots__ = ("_consumed", "_limit", "_prepared", "_response")
+
+    def __init__(self, response: aiohttp.ClientResponse, prepared: _Prepared, limit: int) -> None:
+        self._response = response
+        self._prepared = prepared
+        self._limit = limit
+        self._consumed = 0
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    @property
+    def reason(self) -> str:
+        return self._response.reason or ""
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    @property
+    def url(self) -> str:
+        return str(self._response.url)
+
+    async def iter_chunks(self, size: int = _READ_CHUNK) -> AsyncIterator[bytes]:
+        """Yield the body in chunks of at most ``size`` bytes (no cap: you decide)."""
+        while True:
+            chunk = await self._response.content.read(size)
+            if not chunk:
+                return
+            self._consumed += len(chunk)
+            yield chunk
+
+    async def read(self) -> bytes:
+        """Read the rest of the body; raise ``http_body_too_large`` past the cap."""
+        chunks: list[bytes] = []
+        async for chunk in self.iter_chunks():
+            if self._consumed > self._limit:
+                raise _body_too_large(self._prepared, self._limit, self._consumed)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def __repr__(self) -> str:
+        return f"StreamResponse({self.status} {redact_url(self.url)})"
+
+
+class Fetcher:
+    """Bounded, pooled, rate-limited HTTP client for fanning out many requests.
+
+    One aiohttp ``ClientSession`` whose connection pool holds at most
+    ``max_concurrency`` connections (``per_host`` per host, default: no separate
+    limit) kept alive for ``keepalive_expiry`` seconds; so 5,000 requests open about
+    ``max_concurrency`` connections, not 5,000. Every body is read in full (up to
+    ``max_body_size`` bytes, default 16 MiB) or the connection is closed, also on
+    cancellation, so connections always return to the pool in a known state.
+
+    * ``timeout``: a :class:`Timeouts` (connect / read / total / slot_wait), or a number
+      of seconds for ``total`` alone.
+    * ``rate_limit``: requests per second per host (a ``headrace.TokenBucket`` of burst
+      1 per host), an object with ``await acquire()`` shared by all hosts (a
+      ``TokenBucket``, a ``MultiLimiter``), a ``headrace.KeyedLimiter`` keyed by host, or
+      a callable ``host -> limiter``; ``host`` is ``"scheme://host:port"``. The wait for
+      a token happens before a connection slot is taken, so it never holds a socket.
+    * ``retry``: a :class:`~headrace.Retry` (default :data:`DEFAULT_RETRY`; ``None``
+      never retries) applied only to idempotent requests, on connect errors, timeouts,
+      429 and 502-504, honouring ``Retry-After`` (seconds or HTTP date) up to
+      ``max_retry_after`` seconds, and only while ``retry_budget`` (default: 20 % extra
+      load, shared by this fetcher) allows.
+    * ``raise_for_status`` (default ``True``): a final status >= 400 is an
+      :class:`~headrace.HttpStatusError` (with ``context["status"]``).
+
+    Use :meth:`fetch` for one request (also as a ``Pipeline.map`` function),
+    :meth:`fetch_all` to stream results of many from a bounded pool of workers, and
+    :meth:`stream` to read a large body yourself. Safe to share between the tasks of one
+    event loop; it is an async context manager, and an unclosed fetcher warns
+    (``ResourceWarning``). Measured here (B6, 5,000 GETs of 2 KB, concurrency 100): see
+    ``benchmarks/http.py``::
+
+        async with Fetcher(max_concurrency=100, per_host=20, rate_limit=50.0) as fetcher:
+            async for result in fetcher.fetch_all(urls):
+                if result.ok:
+                    store(result.request.url, result.response.body)
+    """
+
+    def __init__(
+        self,
+        *,
+        max_concurrency: int = 100,
+        per_host: int | None = None,
+        rate_limit: RateLimit | None = None,
+        timeout: Timeouts | float | None = None,
+        retry: Retry | None = DEFAULT_RETRY,
+        retry_budget: RetryBudget | None = None,
+        max_retry_after: float = 60.0,
+        max_body_size: int = 16 * 1024 * 1024,
+        drain_limit: int = 64 * 1024,
+        keepalive_expiry: float = 15.0,
+        raise_for_status: bool = True,
+        headers: Mapping[str, str] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
+            raise ConfigurationError(f"Fetcher(max_concurrency={max_concurrency!r}) must be an int")
+        if max_concurrency < 1:
+            raise ConfigurationError(f"Fetcher(max_concurrency={max_concurrency}) must be >= 1")
+        if per_host is not None and (
+            isinstance(per_host, bool) or not isinstance(per_host, int) or per_host < 1
+        ):
+            raise ConfigurationError(f"Fetcher(per_host={per_host!r}) must be an int >= 1")
+        if retry is not None and not isinstance(retry, Retry):
+            raise ConfigurationError(f"Fetcher(retry={retry!r}) must be a headrace.Retry or None")
+        for name, value in (("max_body_size", max_body_size), ("drain_limit", drain_limit)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigurationError(f"Fetcher({name}={value!r}) must be an int >= 0 (bytes)")
+        if not keepalive_expiry > 0:
+            raise ConfigurationError(
+                f"Fetcher(keepalive_expiry={keepalive_expiry!r}) must be > 0 seconds"
+            )
+        if not max_retry_after >= 0:
+            raise ConfigurationError(
+                f"Fetcher(max_retry_after={max_retry_after!r}) must be >= 0 seconds"
+            )
+        self.max_concurrency = max_concurrency
+        self.per_host = per_host if per_host is not None and per_host < max_concurrency else None
+        self.timeouts = Timeouts() if timeout is None else Timeouts.coerce(timeout)
+        self.retry = retry
+        self.max_retry_after = float(max_retry_after)
+        self.max_body_size = max_body_size
+        self.drain_limit = drain_limit
+        self.keepalive_expiry = float(keepalive_expiry)
+        self.raise_for_status = raise_for_status
+        self._default_headers = dict(headers) if headers else None
+        self._clock = clock or default_clock()
+        self._retry_budget = retry_budget
+        self._limiter_for = self._make_limiter_lookup(rate_limit, self._clock)
+
+        self._state = _State.NEW
+        self._session: aiohttp.ClientSession | None = None
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=None,
+            sock_connect=self.timeouts.connect,
+            sock_read=self.timeouts.read,
+        )
+        self._slots: asyncio.Semaphore | None = None
+        self._host_slots: dict[str, asyncio.Semaphore] = {}
+        self._streams: weakref.WeakSet[ResultStream] = weakref.WeakSet()
+
+        self._requests = 0
+        self._attempts = 0
+        self._retries = 0
+        self._responses = 0
+        self._opened = 0
+        self._reused = 0
+        self._discarded = 0
+        self._bytes = 0
+        self._in_flight = 0
+        self._waiting = 0
+        self._errors: Counter[str] = Counter()
+        self._statuses: Counter[int] = Counter()
+
+    # -- configuration helpers ------------------------------------------------------
+
+    @staticmethod
+    def _make_limiter_lookup(
+        rate_limit: RateLimit | None, clock: Clock
+    ) -> Callable[[str], SupportsAcquire | None]:
+        if rate_limit is None:
+            return lambda host: None
+        if isinstance(rate_limit, int | float) and not isinstance(rate_limit, bool):
+            if not rate_limit > 0:
+                raise ConfigurationError(
+                    f"Fetcher(rate_limit={rate_limit!r}) must be > 0 requests per second"
+                )
+            rate = float(rate_limit)
+            try:
+                from .._ratelimit import TokenBucket
+            except ImportError as exc:  # pragma: no cover - depends on the tree's state
+                raise ConfigurationError(
+                    "Fetcher(rate_limit=<number>) needs headrace.TokenBucket; pass a limiter "
+                    "object or a per-host factory instead"
+                ) from exc
+
+            def bucket(host: str) -> SupportsAcquire:
+                limiter: SupportsAcquire = TokenBucket(rate, 1, clock=clock)
+                return limiter
+
+            return _per_host(bucket)
+        if isinstance(rate_limit, SupportsAcquire):
+            shared = rate_limit
+            return lambda host: shared
+        keyed = getattr(rate_limit, "limiter", None)
+        if callable(keyed):
+            # A headrace.KeyedLimiter: ask it every time, so that it sees the host as in
+            # use and can evict idle hosts' limiters on its own schedule.
+            return lambda host: keyed(host)
+        if callable(rate_limit):
+            return _per_host(rate_limit)
+        raise ConfigurationError(
+            f"Fetcher(rate_limit={rate_limit!r}) must be requests per second, an object "
+            "with acquire(), or a callable host -> limiter"
+        )
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the session and pool (done for you by ``async with`` or the first call).
+
+        Must run inside the event loop that will use the fetcher.
+        """
+        if self._state is _State.OPEN:
+            return
+        if self._state is _State.CLOSED:
+            raise ClosedResourceError("Fetcher is closed; create a new one", code="http_closed")
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(self._on_connection_created)
+        trace.on_connection_reuseconn.append(self._on_connection_reused)
+        connector = aiohttp.TCPConnector(
+            limit=self.max_concurrency,
+            limit_per_host=self.per_host or 0,
+            keepalive_timeout=self.keepalive_expiry,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._client_timeout,
+            headers=self._default_headers,
+            trace_configs=[trace],
+            raise_for_status=False,
+            auto_decompress=True,
+        )
+        self._slots = asyncio.Semaphore(self.max_concurrency)
+        if self._retry_budget is None and self.retry is not None:
+            self._retry_budget = RetryBudget(clock=self._clock)
+        self._state = _State.OPEN
+
+    async def aclose(self) -> None:
+        """Stop every :meth:`fetch_all` stream of this fetcher and close the pool.
+
+        Idempotent. Requests still in flight in other tasks fail with a transport error.
+        """
+        if self._state is _State.CLOSED:
+            return
+        streams = list(self._streams)
+        self._state = _State.CLOSED
+        for stream in streams:
+            await stream.aclose()
+        if self._session is not None:
+            await self._session.close()
+
+    async def __aenter__(self) -> Fetcher:
+        self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        if getattr(self, "_state", None) is _State.OPEN:
+            _warn(
+                f"unclosed {self!r}: use 'async with Fetcher(...)' or 'await fetcher.aclose()'",
+                ResourceWarning,
+                source=self,
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"Fetcher(max_concurrency={self.max_concurrency}, per_host={self.per_host}, "
+            f"state={self._state.value})"
+        )
+
+    # -- statistics -----------------------------------------------------------------
+
+    async def _on_connection_created(self, *_: object) -> None:
+        self._opened += 1
+
+    async def _on_connection_reused(self, *_: object) -> None:
+        self._reused += 1
+
+    def statistics(self) -> FetcherStatistics:
+        """A snapshot of the counters (see :class:`FetcherStatistics`)."""
+        return FetcherStatistics(
+            requests=self._requests,
+            attempts=self._attempts,
+            retries=self._retries,
+            responses=self._responses,
+            connections_opened=self._opened,
+            connections_reused=self._reused,
+            connections_discarded=self._discarded,
+            bytes_received=self._bytes,
+            errors=dict(self._errors),
+            statuses=dict(self._statuses),
+            in_flight=self._in_flight,
+            waiting_for_slot=self._waiting,
+        )
+
+    # -- single requests ------------------------------------------------------------
+
+    async def fetch(self, request: Request | str) -> Response:
+        """Make one request (with retries if idempotent) and return the full response.
+
+        A string is a GET of that URL. Raises :class:`~headrace.HttpStatusError` for a
+        final status >= 400 (unless ``raise_for_status=False``),
+        :class:`~headrace.HttpTransportError` for connect/read failures,
+        :class:`~headrace.DeadlineExceeded` when ``total`` or ``slot_wait`` runs out, and
+        :class:`~headrace.HttpError` for an invalid URL or a body over ``max_body_size``.
+        Usable directly as a pipeline stage: ``Pipeline(urls).map(fetcher.fetch,
+        workers=100)``.
+        """
+        response = await self._execute(_coerce(request))
+        if self.raise_for_status and response.status >= 400:
+            error = status_error(
+                response, retry_after=parse_retry_after(response.headers.get("Retry-After"))
+            )
+            self._errors[error.code] += 1
+            raise error
+        return response
+
+    async def _execute(self, request: Request) -> Response:
+        if self._state is not _State.OPEN:
+            self.open()
+        self._requests += 1
+        try:
+            prepared = _Prepared(request)
+        except HeadraceError as exc:
+            self._errors[exc.code] += 1
+            raise
+        policy = self.retry if request.is_idempotent else None
+        budget = self._retry_budget if policy is not None else None
+        if budget is not None:
+            budget.record_request()
+        clock = self._clock
+        started = clock.now()
+        failures = 0
+        while True:
+            try:
+                response = await self._attempt(prepared, started, failures + 1)
+            except HeadraceError as exc:
+                failures += 1
+                delay = self._next_delay(policy, budget, exc, failures, started)
+                if delay is None:
+                    self._errors[exc.code] += 1
+                    if failures > 1:
+                        exc.add_note(f"headrace.http: gave up after {failures} attempts")
+                    raise
+            else:
+                if policy is None or response.status not in RETRYABLE_STATUSES:
+                    self._statuses[response.status] += 1
+                    return response
+                failures += 1
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                error = status_error(response, retry_after=retry_after)
+                delay = self._next_delay(policy, budget, error, failures, started)
+                if delay is None:
+                    self._statuses[response.status] += 1
+                    return response
+            self._retries += 1
+            await clock.sleep(delay)
+
+    def _next_delay(
+        self,
+        policy: Retry | None,
+        budget: RetryBudget | None,
+        exc: HeadraceError,
+        failures: int,
+        started: float,
+    ) -> float | None:
+        """Seconds until the next attempt, or ``None`` to give up (pure but for the budget)."""
+        if policy is None or exc.code == "http_slot_timeout":
+            # Waiting again for a slot would stretch slot_wait past what the caller set.
+            return None
+        delay = policy.next_delay(exc, failures, self._clock.now() - started)
+        if delay is None:
+            return None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None and retry_after > self.max_retry_after:
+            return None
+        if budget is not None and not budget.try_spend():
+            return None
+        return delay
+
+    @asynccontextmanager
+    async def _slot(self, prepared: _Prepared) -> AsyncIterator[None]:
+        """Wait for the rate limiter, then a host slot and a global slot; hold them."""
+        limiter = self._limiter_for(prepared.host)
+        if limiter is not None:
+            await limiter.acquire()
+        slots = self._slots
+        assert slots is not None
+        host_slots = self._host_slot(prepared.host)
+        self._waiting += 1
+        try:
+            if (host_slots is None or not host_slots.locked()) and not slots.locked():
+                # Fast path: both free, nothing to wait for, no timer to arm.
+                if host_slots is not None:
+                    await host_slots.acquire()
+                await slots.acquire()
+            else:
+                await self._wait_for_slots(prepared, host_slots, slots)
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            slots.release()
+            if host_slots is not None:
+                host_slots.release()
+
+    async def _wait_for_slots(
+        self,
+        prepared: _Prepared,
+        host_slots: asyncio.Semaphore | None,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        limit = self.timeouts.slot_wait
+        holding_host = False
+        try:
+            async with deadline(limit, cause="waiting for a connection slot", clock=self._clock):
+                if host_slots is not None:
+                    await host_slots.acquire()
+                    holding_host = True
+                await slots.acquire()
+        except DeadlineExceeded as exc:
+            if holding_host and host_slots is not None:
+                host_slots.release()
+            request = prepared.request
+            raise DeadlineExceeded(
+                f"{request.method} {prepared.url_text}: no connection slot within "
+                f"slot_wait={limit} s (max_concurrency={self.max_concurrency}, "
+                f"per_host={self.per_host})",
+                code="http_slot_timeout",
+                public_message="The service is too busy; try again later.",
+                context={
+                    "method": request.method,
+                    "url": prepared.url_text,
+                    "phase": "slot_wait",
+                    "timeout": limit,
+                    "elapsed": exc.elapsed,
+                },
+            ) from exc
+        except BaseException:
+            if holding_host and host_slots is not None:
+                host_slots.release()
+            raise
+
+    def _host_slot(self, host: str) -> asyncio.Semaphore | None:
+        if self.per_host is None:
+            return None
+        semaphore = self._host_slots.get(host)
+        if semaphore is None:
+            semaphore = self._host_slots[host] = asyncio.Semaphore(self.per_host)
+        return semaphore
+
+    async def _attempt(self, prepared: _Prepared, started: float, attempt: int) -> Response:
+        session = self._session
+        assert session is not None
+        request = prepared.request
+        async with self._slot(prepared):
+            self._attempts += 1
+            self._in_flight += 1
+            total = self.timeouts.total
+            try:
+                async with deadline(total, cause="http total timeout", clock=self._clock):
+                    try:
+                        response = await session.request(
+                            request.method,
+                            prepared.url,
+                            headers=request.headers,
+                            data=prepared.data,
+                        )
+                    except aiohttp.ClientError as exc:
+                        raise self._translate(exc, prepared) from exc
+                    try:
+                        body = await self._read_body(response, prepared)
+                    except BaseException:
+                        # Unknown amount left unread (cancelled, too large, broken):
+                        # closing is the only state we can vouch for.
+                        self._discard(response)
+                        raise
+            except DeadlineExceeded as exc:
+                if exc.code != "deadline_exceeded" or exc.cause != "http total timeout":
+                    raise
+                raise DeadlineExceeded(
+                    f"{request.method} {prepared.url_text}: no complete response within "
+                    f"total={total} s",
+                    code="http_timeout",
+                    public_message="An upstream service took too long.",
+                    context={
+                        "method": request.method,
+                        "url": prepared.url_text,
+                        "phase": "total",
+                        "timeout": total,
+                        "elapsed": exc.elapsed,
+                        "attempt": attempt,
+                    },
+                ) from exc
+            finally:
+                self._in_flight -= 1
+        self._responses += 1
+        self._bytes += len(body)
+        return Response(
+            request=request,
+            status=response.status,
+            reason=response.reason or "",
+            headers=response.headers,
+            body=body,
+            url=str(response.url),
+            elapsed=self._clock.now() - started,
+            attempts=attempt,
+        )
+
+    async def _read_body(self, response: aiohttp.ClientResponse, prepared: _Prepared) -> bytes:
+        if prepared.request.method == "HEAD" or response.status in _NO_BODY_STATUSES:
+            response.release()
+            return b""
+        limit = self.max_body_size
+        length = response.content_length
+        try:
+            if length is not None:
+                if length > limit:
+                    raise _body_too_large(prepared, limit, length)
+                return await response.read()
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                chunk = await response.content.read(_READ_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise _body_too_large(prepared, limit, size)
+                chunks.append(chunk)
+        except aiohttp.ClientError as exc:
+            raise self._translate(exc, prepared) from exc
+        response.release()
+        return b"".join(chunks)
+
+    def _discard(self, response: aiohttp.ClientResponse) -> None:
+        # Counted even when aiohttp already closed it (its read() closes on cancel):
+        # either way the connection was thrown away instead of going back to the pool.
+        self._discarded += 1
+        response.close()
+
+    def _translate(self, exc: aiohttp.ClientError, prepared: _Prepared) -> HeadraceError:
+        """The one place where aiohttp's exceptions become headrace errors."""
+        request = prepared.request
+        where = f"{request.method} {prepared.url_text}"
+        context: dict[str, Any] = {"method": request.method, "url": prepared.url_text}
+        public = "An upstream service could not be reached."
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            seconds = self.timeouts.connect
+            context.update(phase="connect", timeout=seconds)
+            return HttpTransportError(
+                f"{where}: connect timed out after {seconds} s",
+                code="http_connect_timeout",
+                public_message=public,
+                context=context,
+            )
+        if isinstance(exc, aiohttp.ServerTimeoutError):
+            seconds = self.timeouts.read
+            context.update(phase="read", timeout=seconds)
+            return HttpTransportError(
+                f"{where}: the server sent nothing for read={seconds} s",
+                code="http_read_timeout",
+                public_message="An upstream service took too long.",
+                context=context,
+            )
+        if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+            return _invalid_url(request, prepared.url_text, type(exc).__name__)
+        if isinstance(exc, aiohttp.TooManyRedirects):
+            return HttpError(
+                f"{where}: too many redirects",
+                code="http_too_many_redirects",
+                public_message=public,
+                context=context,
+            )
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            context.update(phase="connect", errno=exc.os_error.errno)
+            return HttpTransportError(
+                f"{where}: cannot connect ({exc.os_error.strerror or exc.os_error})",
+                code="http_connect_error",
+                public_message=public,
+                context=context,
+            )
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
+            return HttpTransportError(
+                f"{where}: the server closed the connection before answering",
+                code="http_disconnected",
+                public_message=public,
+                context=context,
+            )
+        if isinstance(exc, aiohttp.ClientPayloadError):
+            return HttpTransportError(
+                f"{where}: the response body was cut short ({exc})",
+                code="http_payload_error",
+                public_message=public,
+                context=context,
+            )
+        return HttpTransportError(
+            f"{where}: {type(exc).__name__}: {exc}",
+            code="http_transport",
+            public_message=public,
+            context=context,
+        )
+
+    # -- streaming one body -----------------------------------------------------------
+
+    @asynccontextmanager
+    async def stream(self, request: Request | str) -> AsyncIterator[StreamResponse]:
+        """Send one request and let the block read the body itself, bounded by ``read``.
+
+        No retries (the body is yours, so a retry could not be transparent) and no
+        ``total`` timeout (your block's time is yours). On leaving the block whatever is
+        unread is drained if it is at most ``drain_limit`` bytes, so the connection is
+        reused; otherwise, and on any exception or cancellation, the connection is
+        closed. Status errors are not raised here: check ``status``.
+        """
+        if self._state is not _State.OPEN:
+            self.open()
+        session = self._session
+        assert session is not None
+        self._requests += 1
+        prepared = _Prepared(_coerce(request))
+        req = prepared.request
+        async with self._slot(prepared):
+            self._attempts += 1
+            self._in_flight += 1
+            try:
+                try:
+                    response = await session.request(
+                        req.method, prepared.url, headers=req.headers, data=prepared.data
+                    )
+                except aiohttp.ClientError as exc:
+                    error = self._translate(exc, prepared)
+                    self._errors[error.code] += 1
+                    raise error from exc
+                self._responses += 1
+                self._statuses[response.status] += 1
+                handle = StreamResponse(response, prepared, self.max_body_size)
+                try:
+                    yield handle
+                except BaseException:
+                    self._discard(response)
+                    raise
+                await self._finish(response, handle)
+            finally:
+                self._in_flight -= 1
+
+    async def _finish(self, response: aiohttp.ClientResponse, handle: StreamResponse) -> None:
+        """Drain a small unread rest so the connection is reused; close on a large one."""
+        self._bytes += handle._consumed
+        length = response.content_length
+        if length is not None and length - handle._consumed > self.drain_limit:
+            self._discard(response)
+            return
+        drained = 0
+        try:
+            while drained <= self.drain_limit:
+                chunk = await response.content.read(_READ_CHUNK)
+                if not chunk:
+                    response.release()
+                    return
+                drained += len(chunk)
+        except BaseException:
+            self._discard(response)
+            raise
+        self._discard(response)
+
+    # -- fan-out ----------------------------------------------------------------------
+
+    def fetch_all(
+        self,
+        requests: Iterable[Request | str] | AsyncIterable[Request | str],
+        *,
+        ordered: bool = False,
+        workers: int | None = None,
+        fail_fast: bool = False,
+        buffer: int | None = None,
+    ) -> ResultStream:
+        """Stream a :class:`Result` per request, fetched by a bounded pool of workers.
+
+        ``workers`` (default ``max_concurrency``) long-lived tasks pull requests from the
+        (sync or async, possibly endless) iterable one at a time, so memory stays flat
+        however many requests there are. Results come in completion order, or in input
+        order with ``ordered=True``; at most ``workers + buffer`` (default ``2 *
+        workers``) requests are in flight or finished-but-not-consumed, so a slow
+        consumer or a slow head-of-line request pauses the workers instead of growing a
+        buffer. A failed request yields a :class:`Result` with ``error`` set and the rest
+        go on; ``fail_fast=True`` raises the first error instead and stops the workers.
+        Iterate it with ``async for``; wrap it in ``async with`` if you may stop early,
+        so that the workers are stopped and awaited when you leave.
+        """
+        if workers is None:
+            workers = self.max_concurrency
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ConfigurationError(f"fetch_all(workers={workers!r}) must be an int >= 1")
+        if buffer is None:
+            buffer = workers
+        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 0:
+            raise ConfigurationError(f"fetch_all(buffer={buffer!r}) must be an int >= 0")
+        stream = ResultStream(self, requests, ordered, workers, fail_fast, workers + buffer)
+        self._streams.add(stream)
+        return stream
+
+    async def _fetch_result(self, index: int, request: Request) -> Result:
+        try:
+            response = await self._execute(request)
+        except HeadraceError as exc:
+            return Result(index, request, None, exc)
+        except Exception as exc:
+            error = InternalError.wrap(
+                exc,
+                f"unexpected {type(exc).__name__} fetching {request!r}: {exc}",
+                context={"method": request.method, "url": redact_url(request.url)},
+            )
+            self._errors[error.code] += 1
+            return Result(index, request, None, error)
+        if self.raise_for_status and response.status >= 400:
+            failure = status_error(
+                response, retry_after=parse_retry_after(response.headers.get("Retry-After"))
+            )
+            self._errors[failure.code] += 1
+            return Result(index, request, response, failure)
+        return Result(index, request, response, None)
+
+
+def _per_host(
+    factory: Callable[[str], SupportsAcquire],
+) -> Callable[[str], SupportsAcquire | None]:
+    limiters: dict[str, SupportsAcquire] = {}
+
+    def lookup(host: str) -> SupportsAcquire | None:
+        limiter = limiters.get(host)
+        if limiter is None:
+            limiter = limiters[host] = factory(host)
+        return limiter
+
+    return lookup
+
+
+def _coerce(item: object) -> Request:
+    if isinstance(item, Request):
+        return item
+    if isinstance(item, str):
+        return Request(item)
+    raise ConfigurationError(
+        f"expected a headrace.http.Request or a URL string, got {type(item).__name__}"
+    )
+
+
+_END = object()
+
+
+class _Failure:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class ResultStream:
+    """The async iterator :meth:`Fetcher.fetch_all` returns (also an async context manager).
+
+    Starts its workers on the first ``__anext__``; :meth:`aclose` cancels and awaits
+    them. Iterate it from one task only.
+    """
+
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        requests: Iterable[Request | str] | AsyncIterable[Request | str],
+        ordered: bool,
+        workers: int,
+        fail_fast: bool,
+        window: int,
+    ) -> None:
+        self._fetcher = fetcher
+        self._sync_source: Iterator[Request | str] | None = None
+        self._async_source: AsyncIterator[Request | str] | None = None
+        if isinstance(requests, AsyncIterable):
+            self._async_source = aiter(requests)
+        elif isinstance(requests, Iterable) and not isinstance(requests, str | bytes):
+            self._sync_source = iter(requests)
+        else:
+            raise ConfigurationError(
+                f"fetch_all(requests=<{type(requests).__name__}>) must be an iterable of "
+                "Request or URL strings"
+            )
+        self._ordered = ordered
+        self._worker_count = workers
+        self._fail_fast = fail_fast
+        self._window = asyncio.Semaphore(window)
+        self._source_lock = asyncio.Lock()
+        self._results: asyncio.Queue[object] = asyncio.Queue()
+        self._pending: dict[int, Result] = {}
+        self._next_index = 0
+        self._next_expected = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._alive = 0
+        self._exhausted = False
+        self._started = False
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> ResultStream:
+        return self
+
+    async def __aenter__(self) -> ResultStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _source_done(self) -> bool:
+        return self._exhausted
+
+    async def _next_request(self) -> tuple[int, Request] | None:
+        if self._exhausted:
+            return None
+        if self._sync_source is not None:
+            try:
+                item = next(self._sync_source)
+            except StopIteration:
+                self._exhausted = True
+                return None
+        else:
+            assert self._async_source is not None
+            # An async generator refuses concurrent __anext__ calls; take turns.
+            async with self._source_lock:
+                if self._source_done():
+                    return None
+                try:
+                    item = await anext(self._async_source)
+                except StopAsyncIteration:
+                    self._exhausted = True
+                    return None
+        index = self._next_index
+        self._next_index += 1
+        return index, _coerce(item)
+
+    async def _work(self) -> None:
+        try:
+            while True:
+                await self._window.acquire()
+                item = await self._next_request()
+                if item is None:
+                    self._window.release()
+                    return
+                index, request = item
+                self._results.put_nowait(await self._fetcher._fetch_result(index, request))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._results.put_nowait(_Failure(exc))
+        finally:
+            self._alive -= 1
+            if self._alive == 0:
+                self._results.put_nowait(_END)
+
+    def _start(self) -> None:
+        self._started = True
+        if self._fetcher._state is not _State.OPEN:
+            self._fetcher.open()
+        self._alive = self._worker_count
+        self._tasks = [
+            asyncio.create_task(self._work(), name=f"headrace.http.fetch_all worker {number}")
+            for number in range(self._worker_count)
+        ]
+
+    async def __anext__(self) -> Result:
+        if self._closed:
+            raise StopAsyncIteration
+        if not self._started:
+            self._start()
+        while True:
+            if self._ordered:
+                ready = self._pending.pop(self._next_expected, None)
+                if ready is not None:
+                    self._next_expected += 1
+                    self._window.release()
+                    return ready
+            if self._finished:
+                await self.aclose()
+                raise StopAsyncIteration
+            item = await self._results.get()
+            if item is _END:
+                self._finished = True
+                continue
+            if isinstance(item, _Failure):
+                await self.aclose()
+                raise item.error
+            assert isinstance(item, Result)
+            if self._fail_fast and item.error is not None:
+                await self.aclose()
+                raise item.error
+            if not self._ordered:
+                self._window.release()
+                return item
+            self._pending[item.index] = item
+
+    async def aclose(self) -> None:
+        """Cancel the workers (closing their connections) and wait for them. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._pending.clear()

@@ -1,0 +1,591 @@
+"""Tests for headrace.http: a local keep-alive server on 127.0.0.1, never an outside address.
+
+The ``real_time`` tests use real sockets; their time bounds are lower bounds (a wait that
+must have happened) or generous upper bounds (10x the expected figure) because the
+machine is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import gc
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+import headrace.http
+from headrace import (
+    ClosedResourceError,
+    ConfigurationError,
+    DeadlineExceeded,
+    HttpError,
+    HttpStatusError,
+    HttpTransportError,
+    Retry,
+)
+from headrace.http import Fetcher, Request, Result, Timeouts, parse_retry_after, redact_url
+from http_server import HttpTestServer
+
+real_time = pytest.mark.real_time
+
+FAST_RETRY = Retry(max_attempts=3, initial_delay=0.01, max_delay=0.05)
+
+
+# -- pure pieces ---------------------------------------------------------------------------
+
+
+def test_exports_are_pinned() -> None:
+    """headrace.http exports exactly the documented names."""
+    assert headrace.http.__all__ == [
+        "DEFAULT_RETRY",
+        "IDEMPOTENT_METHODS",
+        "RETRYABLE_STATUSES",
+        "Fetcher",
+        "FetcherStatistics",
+        "Request",
+        "Response",
+        "Result",
+        "ResultStream",
+        "StreamResponse",
+        "SupportsAcquire",
+        "Timeouts",
+        "parse_retry_after",
+        "redact_url",
+    ]
+
+
+def test_import_headrace_does_not_import_aiohttp() -> None:
+    """`import headrace` leaves aiohttp unimported; only headrace.http pulls it in."""
+    code = "import sys, headrace; print('aiohttp' in sys.modules)"
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert output.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("120", 120.0),
+        (" 3 ", 3.0),
+        ("1.5", 1.5),
+        ("0", 0.0),
+        ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0),
+        ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),
+        ("-1", None),
+        ("inf", None),
+        ("soon", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_parse_retry_after(header: str | None, expected: float | None) -> None:
+    """Retry-After is read as delta-seconds or as an HTTP date relative to now."""
+    now = dt.datetime(2015, 10, 21, 7, 28, 0, tzinfo=dt.UTC)
+    assert parse_retry_after(header, now=now) == expected
+
+
+def test_redact_url_hides_credentials_and_secret_parameters() -> None:
+    """User info and secret-looking query values never survive redaction."""
+    url = "https://bob:hunter2@api.example/v1/items?api_key=abc123&page=2&token=t0k"
+    assert redact_url(url) == "https://***@api.example/v1/items?api_key=***&page=2&token=***"
+    assert redact_url("http://127.0.0.1:80/x?q=1") == "http://127.0.0.1:80/x?q=1"
+
+
+def test_request_normalises_method_and_knows_idempotency() -> None:
+    """Methods are upper-cased; GET/PUT/DELETE are idempotent, POST only when told."""
+    assert Request("http://h/", method="get").method == "GET"
+    assert Request("http://h/").is_idempotent
+    assert Request("http://h/", method="PUT").is_idempotent
+    assert not Request("http://h/", method="POST").is_idempotent
+    assert Request("http://h/", method="POST", idempotent=True).is_idempotent
+    assert repr(
+        Request("http://u:pw@h/?secret=1", tag=7)
+    ) == "Request(GET http://***@h/?secret=*** tag=7)".replace(" tag", ", tag")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_concurrency": 0}, "Fetcher(max_concurrency=0) must be >= 1"),
+        ({"per_host": 0}, "Fetcher(per_host=0) must be an int >= 1"),
+        ({"max_body_size": -1}, "Fetcher(max_body_size=-1) must be an int >= 0 (bytes)"),
+        ({"timeout": "fast"}, "timeout='fast' must be a number of seconds or a Timeouts"),
+        ({"rate_limit": -5.0}, "Fetcher(rate_limit=-5.0) must be > 0 requests per second"),
+        ({"rate_limit": "x"}, "Fetcher(rate_limit='x') must be requests per second"),
+    ],
+)
+def test_fetcher_rejects_bad_configuration(kwargs: dict[str, object], message: str) -> None:
+    """Bad constructor arguments raise ConfigurationError naming the input."""
+    with pytest.raises(ConfigurationError) as info:
+        Fetcher(**kwargs)  # type: ignore[arg-type]
+    assert info.value.message.startswith(message)
+
+
+def test_timeouts_validate_and_coerce() -> None:
+    """A number sets only the total timeout; non-positive values are refused."""
+    assert Timeouts.coerce(2.5) == Timeouts(total=2.5)
+    assert Timeouts.coerce(None) == Timeouts(None, None, None, None)
+    with pytest.raises(ConfigurationError, match=r"Timeouts\(read=0\)"):
+        Timeouts(read=0)
+
+
+async def test_fetch_all_refuses_bad_arguments() -> None:
+    """fetch_all validates workers and the request source before starting anything."""
+    fetcher = Fetcher()
+    with pytest.raises(ConfigurationError, match=r"fetch_all\(workers=0\)"):
+        fetcher.fetch_all([], workers=0)
+    with pytest.raises(ConfigurationError, match="must be an iterable"):
+        fetcher.fetch_all("http://127.0.0.1/")  # type: ignore[arg-type]
+
+
+# -- against the local server --------------------------------------------------------------
+
+
+@real_time
+async def test_fan_out_opens_at_most_max_concurrency_connections() -> None:
+    """500 GETs through max_concurrency=10 open <= 10 connections and reuse them."""
+    async with HttpTestServer() as server, Fetcher(max_concurrency=10) as fetcher:
+        urls = [server.url(f"/ok?size=2048&i={i}") for i in range(500)]
+        results = [result async for result in fetcher.fetch_all(urls)]
+        stats = fetcher.statistics()
+    assert len(results) == 500
+    assert all(result.ok for result in results)
+    assert {len(result.unwrap().body) for result in results} == {2048}
+    assert sorted(result.index for result in results) == list(range(500))
+    assert server.accepted <= 10
+    assert server.peak_active <= 10
+    assert stats.connections_opened == server.accepted
+    assert stats.connections_opened + stats.connections_reused == 500
+    assert stats.requests == stats.attempts == stats.responses == 500
+    assert stats.statuses == {200: 500}
+    assert stats.in_flight == 0
+
+
+@real_time
+async def test_chunked_bodies_are_read_and_connections_reused() -> None:
+    """Bodies without Content-Length are read to the end, so one connection serves all."""
+    async with HttpTestServer() as server, Fetcher(max_concurrency=1) as fetcher:
+        for _ in range(20):
+            response = await fetcher.fetch(server.url("/chunked?size=20000"))
+            assert response.body == b"y" * 20000
+    assert server.accepted == 1
+
+
+@real_time
+async def test_ignored_small_stream_body_is_drained_and_connection_reused() -> None:
+    """A stream whose body the caller never reads is drained, so the connection is reused."""
+    async with HttpTestServer() as server, Fetcher(max_concurrency=1) as fetcher:
+        for _ in range(10):
+            async with fetcher.stream(server.url("/ok?size=30000")) as response:
+                assert response.status == 200
+        stats = fetcher.statistics()
+    assert server.accepted == 1
+    assert stats.connections_discarded == 0
+    assert stats.connections_reused == 9
+
+
+@real_time
+async def test_ignored_large_stream_body_closes_the_connection() -> None:
+    """An unread rest larger than drain_limit is not downloaded: the connection is closed."""
+    async with (
+        HttpTestServer() as server,
+        Fetcher(max_concurrency=1, drain_limit=10_000) as fetcher,
+    ):
+        for _ in range(3):
+            async with fetcher.stream(server.url("/ok?size=500000")) as response:
+                assert (await anext(response.iter_chunks(100))) == b"x" * 100
+        stats = fetcher.statistics()
+        await asyncio.sleep(0.05)  # let the server notice the closed sockets
+    assert server.accepted == 3
+    assert stats.connections_discarded == 3
+
+
+@real_time
+async def test_cancellation_mid_body_releases_the_connection() -> None:
+    """Cancelling a fetch whose body is still arriving closes that connection and frees
+    the slot for the next request."""
+    async with HttpTestServer() as server, Fetcher(max_concurrency=1) as fetcher:
+        task = asyncio.create_task(fetcher.fetch(server.url("/hang-body")))
+        await server.wait_for_request()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        stats = fetcher.statistics()
+        assert stats.in_flight == 0
+        assert stats.connections_discarded == 1
+        response = await asyncio.wait_for(fetcher.fetch(server.url("/ok")), 10)
+        assert response.status == 200
+        for _ in range(100):
+            if server.alive == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert server.alive == 1  # the cancelled one is gone; the new one is pooled
+    assert server.accepted == 2
+
+
+@real_time
+async def test_breaking_out_of_fetch_all_stops_the_workers() -> None:
+    """Leaving `async with fetch_all(...)` early cancels and awaits every worker."""
+    async with HttpTestServer() as server, Fetcher(max_concurrency=5) as fetcher:
+        urls = (server.url(f"/slow?delay=0.02&i={i}") for i in range(10_000))
+        async with fetcher.fetch_all(urls) as results:
+            seen = 0
+            async for result in results:
+                assert result.ok
+                seen += 1
+                if seen == 20:
+                    break
+        assert fetcher.statistics().in_flight == 0
+    # At most workers + buffer requests were taken from the endless source.
+    assert server.requests <= 20 + 10
+
+
+@real_time
+async def test_retries_idempotent_get_on_503_then_succeeds() -> None:
+    """A GET answered 503 twice is retried and succeeds on the third attempt."""
+    async with HttpTestServer() as server, Fetcher(retry=FAST_RETRY) as fetcher:
+        response = await fetcher.fetch(server.url("/flaky?key=get&fail=2&status=503"))
+        stats = fetcher.statistics()
+    assert response.status == 200
+    assert response.attempts == 3
+    assert len(server.arrivals["get"]) == 3
+    assert stats.retries == 2
+    assert stats.requests == 1
+    assert stats.attempts == 3
+
+
+@real_time
+async def test_post_is_never_retried() -> None:
+    """A POST answered 503 is not retried: the status error comes back after one try."""
+    async with HttpTestServer() as server, Fetcher(retry=FAST_RETRY) as fetcher:
+        url = server.url("/flaky?key=post&fail=1&status=503")
+        with pytest.raises(HttpStatusError) as info:
+            await fetcher.fetch(Request(url, method="POST", body=b"payload"))
+    assert len(server.arrivals["post"]) == 1
+    assert info.value.context["status"] == 503
+    assert info.value.context["method"] == "POST"
+    assert info.value.code == "http_status_503"
+    assert info.value.transient
+
+
+@real_time
+async def test_post_marked_idempotent_is_retried() -> None:
+    """A POST the caller declares idempotent (idempotency key) may be retried."""
+    async with HttpTestServer() as server, Fetcher(retry=FAST_RETRY) as fetcher:
+        url = server.url("/flaky?key=postkey&fail=1&status=502")
+        response = await fetcher.fetch(Request(url, method="POST", idempotent=True))
+    assert response.status == 200
+    assert len(server.arrivals["postkey"]) == 2
+
+
+@real_time
+async def test_retry_after_is_honoured() -> None:
+    """After a 429 with Retry-After: 0.4 the retry waits at least 0.4 s, although the
+    policy's own backoff would be 10 ms."""
+    async with HttpTestServer() as server, Fetcher(retry=FAST_RETRY) as fetcher:
+        url = server.url("/flaky?key=ra&fail=1&status=429&retry_after=0.4")
+        response = await fetcher.fetch(url)
+    first, second = server.arrivals["ra"]
+    assert response.status == 200
+    assert 0.4 <= second - first < 4.0
+
+
+@real_time
+async def test_retry_after_beyond_max_retry_after_is_not_waited_for() -> None:
+    """A Retry-After longer than max_retry_after ends the retries at once."""
+    async with HttpTestServer() as server, Fetcher(retry=FAST_RETRY, max_retry_after=1) as fetcher:
+        url = server.url("/flaky?key=long&fail=1&status=503&retry_after=3600")
+        started = time.monotonic()
+        with pytest.raises(HttpStatusError) as info:
+            await fetcher.fetch(url)
+    assert time.monotonic() - started < 3
+    assert len(server.arrivals["long"]) == 1
+    assert info.value.context["retry_after"] == 3600.0
+
+
+@real_time
+async def test_non_retryable_status_is_not_retried() -> None:
+    """A 404 is final: one attempt, an HttpStatusError that is not transient."""
+    async with HttpTestServer() as server, Fetcher(retry=FAST_RETRY) as fetcher:
+        with pytest.raises(HttpStatusError) as info:
+            await fetcher.fetch(server.url("/status/404"))
+        stats = fetcher.statistics()
+    assert not info.value.transient
+    assert stats.attempts == 1
+    assert stats.errors == {"http_status_404": 1}
+
+
+@real_time
+async def test_raise_for_status_false_returns_the_error_response() -> None:
+    """With raise_for_status=False a 500 comes back as a response with its body."""
+    async with HttpTestServer() as server, Fetcher(raise_for_status=False) as fetcher:
+        response = await fetcher.fetch(server.url("/status/500"))
+    assert (response.status, response.body, response.ok) == (500, b"no", False)
+
+
+@real_time
+async def test_per_host_limit_holds_for_each_host() -> None:
+    """per_host=2 keeps at most 2 requests in progress per host, across two hosts."""
+    async with HttpTestServer() as server, Fetcher(max_concurrency=10, per_host=2) as fetcher:
+        urls = [
+            server.url(f"/slow?delay=0.03&i={i}", host=host)
+            for i in range(12)
+            for host in ("127.0.0.1", "localhost")
+        ]
+        results = [result async for result in fetcher.fetch_all(urls)]
+    assert all(result.ok for result in results)
+    assert server.peak_by_host["127.0.0.1"] == 2
+    assert server.peak_by_host["localhost"] == 2
+    assert server.accepted <= 4
+
+
+@real_time
+async def test_rate_limiter_is_asked_once_per_attempt_per_host() -> None:
+    """A per-host limiter factory is called once per host and acquired for every attempt."""
+    acquired: list[str] = []
+    created: list[str] = []
+
+    class Recorder:
+        def __init__(self, host: str) -> None:
+            self.host = host
+
+        async def acquire(self) -> None:
+            acquired.append(self.host)
+
+    def factory(host: str) -> Recorder:
+        created.append(host)
+        return Recorder(host)
+
+    async with HttpTestServer() as server, Fetcher(rate_limit=factory, retry=FAST_RETRY) as fetcher:
+        await fetcher.fetch(server.url("/flaky?key=rl&fail=1&status=503"))
+        await fetcher.fetch(server.url("/ok", host="localhost"))
+    a = f"http://127.0.0.1:{server.port}"
+    b = f"http://localhost:{server.port}"
+    assert created == [a, b]
+    assert acquired == [a, a, b]
+
+
+@real_time
+async def test_token_bucket_rate_limit_spaces_requests() -> None:
+    """rate_limit=20.0 (per host) spaces 11 requests over at least 0.5 s."""
+    pytest.importorskip("headrace._ratelimit")
+    async with HttpTestServer() as server, Fetcher(rate_limit=20.0) as fetcher:
+        started = time.monotonic()
+        results = [r async for r in fetcher.fetch_all([server.url("/ok")] * 11)]
+        elapsed = time.monotonic() - started
+    assert all(result.ok for result in results)
+    assert elapsed >= 0.5 * 0.95
+
+
+@real_time
+async def test_read_timeout_on_a_hanging_server() -> None:
+    """A server that accepts but never answers trips the read timeout with a clear error."""
+    timeouts = Timeouts(connect=5, read=0.2, total=30)
+    async with HttpTestServer() as server, Fetcher(timeout=timeouts, retry=None) as fetcher:
+        with pytest.raises(HttpTransportError) as info:
+            await fetcher.fetch(server.url("/hang?token=s3cret"))
+    error = info.value
+    assert error.code == "http_read_timeout"
+    assert error.context["phase"] == "read"
+    assert error.context["url"] == f"http://127.0.0.1:{server.port}/hang?token=***"
+    assert "GET http://127.0.0.1" in error.message
+    assert "s3cret" not in str(error)
+    assert "read=0.2 s" in error.message
+
+
+@real_time
+async def test_total_timeout_on_a_hanging_server() -> None:
+    """Without a read timeout, the total timeout ends the attempt as DeadlineExceeded."""
+    timeouts = Timeouts(connect=5, read=None, total=0.3)
+    async with HttpTestServer() as server, Fetcher(timeout=timeouts, retry=None) as fetcher:
+        with pytest.raises(DeadlineExceeded) as info:
+            await fetcher.fetch(server.url("/hang-body"))
+        stats = fetcher.statistics()
+    assert info.value.code == "http_timeout"
+    assert info.value.context["phase"] == "total"
+    assert "total=0.3 s" in info.value.message
+    assert stats.errors == {"http_timeout": 1}
+    assert stats.connections_discarded == 1
+
+
+@real_time
+async def test_timeouts_are_retried_for_get() -> None:
+    """A GET that times out is retried (timeouts are transient) up to max_attempts."""
+    timeouts = Timeouts(read=0.1)
+    retry = Retry(max_attempts=2, initial_delay=0.01)
+    async with HttpTestServer() as server, Fetcher(timeout=timeouts, retry=retry) as fetcher:
+        with pytest.raises(HttpTransportError) as info:
+            await fetcher.fetch(server.url("/hang"))
+    assert server.requests == 2
+    assert "gave up after 2 attempts" in "".join(info.value.__notes__)
+
+
+@real_time
+async def test_slot_wait_timeout_is_separate_from_total() -> None:
+    """Queueing for a slot does not count against total; slot_wait bounds it on its own."""
+    queued = Timeouts(total=0.3, slot_wait=None)
+    async with HttpTestServer() as server, Fetcher(max_concurrency=1, timeout=queued) as fetcher:
+        # Each takes ~0.1 s; the last waits ~0.4 s for its slot, more than total=0.3.
+        responses = await asyncio.gather(
+            *(fetcher.fetch(server.url(f"/slow?delay=0.1&i={i}")) for i in range(5))
+        )
+        assert [response.status for response in responses] == [200] * 5
+
+    bounded = Timeouts(total=30, slot_wait=0.1)
+    async with HttpTestServer() as server, Fetcher(max_concurrency=1, timeout=bounded) as fetcher:
+        busy = asyncio.create_task(fetcher.fetch(server.url("/slow?delay=0.5")))
+        await server.wait_for_request()
+        with pytest.raises(DeadlineExceeded) as info:
+            await fetcher.fetch(server.url("/ok"))
+        assert (await busy).status == 200
+        assert fetcher.statistics().waiting_for_slot == 0
+    assert info.value.code == "http_slot_timeout"
+    assert info.value.context["phase"] == "slot_wait"
+    assert server.requests == 1
+
+
+@real_time
+async def test_connection_refused_is_a_transport_error() -> None:
+    """A port nobody listens on gives HttpTransportError(http_connect_error), retried."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with Fetcher(retry=Retry(max_attempts=2, initial_delay=0.01)) as fetcher:
+        with pytest.raises(HttpTransportError) as info:
+            await fetcher.fetch(f"http://127.0.0.1:{port}/")
+        stats = fetcher.statistics()
+    assert info.value.code == "http_connect_error"
+    assert stats.attempts == 2
+    assert stats.errors == {"http_connect_error": 1}
+
+
+@real_time
+async def test_body_size_cap() -> None:
+    """Bodies over max_body_size fail with http_body_too_large, with or without a length."""
+    async with HttpTestServer() as server, Fetcher(max_body_size=1000) as fetcher:
+        for path in ("/ok?size=5000", "/chunked?size=5000"):
+            with pytest.raises(HttpError) as info:
+                await fetcher.fetch(server.url(path))
+            assert info.value.code == "http_body_too_large"
+            assert not info.value.transient
+        assert len((await fetcher.fetch(server.url("/ok?size=1000"))).body) == 1000
+
+
+@real_time
+async def test_fetch_all_keeps_going_past_bad_urls() -> None:
+    """A bad URL and an error status become error results; every other request succeeds."""
+    async with HttpTestServer() as server, Fetcher(retry=None) as fetcher:
+        requests = [
+            server.url("/ok?size=10"),
+            "not a url",
+            server.url("/status/404"),
+            Request(server.url("/echo"), method="POST", body=b"hi", tag="mine"),
+        ]
+        results = {result.index: result async for result in fetcher.fetch_all(requests)}
+    assert results[0].ok
+    assert results[1].error is not None
+    assert results[1].error.code == "http_invalid_url"
+    assert results[2].error is not None
+    assert results[2].response is not None
+    assert results[2].response.status == 404
+    assert results[3].unwrap().body == b"POST hi"
+    assert results[3].request.tag == "mine"
+
+
+@real_time
+async def test_fetch_all_fail_fast_raises_the_first_error() -> None:
+    """fail_fast=True raises the first failed request's error and stops the workers."""
+    async with HttpTestServer() as server, Fetcher(retry=None) as fetcher:
+        requests = [server.url("/ok")] * 3 + [server.url("/status/500")]
+        with pytest.raises(HttpStatusError):
+            async for _ in fetcher.fetch_all(requests, workers=1, fail_fast=True):
+                pass
+
+
+@real_time
+async def test_fetch_all_ordered_yields_in_input_order() -> None:
+    """ordered=True yields results in input order although later ones finish first."""
+    async with HttpTestServer() as server, Fetcher(max_concurrency=8) as fetcher:
+        delays = [0.2, 0.0, 0.1, 0.0, 0.15, 0.0, 0.05, 0.0]
+        urls = [server.url(f"/slow?delay={delay}&i={i}") for i, delay in enumerate(delays)]
+        ordered = [r.index async for r in fetcher.fetch_all(urls, ordered=True)]
+        unordered = [r.index async for r in fetcher.fetch_all(urls)]
+    assert ordered == list(range(8))
+    assert sorted(unordered) == list(range(8))
+    assert unordered != list(range(8))
+
+
+@real_time
+async def test_fetch_all_from_an_async_generator_with_few_workers() -> None:
+    """An async source feeds a bounded pool: only `workers` tasks exist, whatever the size."""
+
+    async def source() -> AsyncIterator[str]:
+        for i in range(200):
+            yield server.url(f"/ok?size=100&i={i}")
+
+    async with HttpTestServer() as server, Fetcher(max_concurrency=4) as fetcher:
+        peak = 0
+        count = 0
+        async for result in fetcher.fetch_all(source()):
+            assert result.ok
+            count += 1
+            workers = [t for t in asyncio.all_tasks() if "fetch_all worker" in t.get_name()]
+            peak = max(peak, len(workers))
+    assert count == 200
+    assert peak <= 4
+    assert server.accepted <= 4
+
+
+@real_time
+async def test_fetch_is_usable_as_a_map_function() -> None:
+    """fetch(request) is a plain coroutine function, so any stage runner can call it."""
+    async with HttpTestServer() as server, Fetcher(max_concurrency=3) as fetcher:
+        urls = [server.url(f"/ok?size=5&i={i}") for i in range(9)]
+        bodies = await asyncio.gather(*map(fetcher.fetch, urls))
+    assert [response.body for response in bodies] == [b"xxxxx"] * 9
+    assert server.accepted <= 3
+
+
+@real_time
+async def test_closed_fetcher_refuses_work() -> None:
+    """A closed fetcher raises ClosedResourceError instead of reopening silently."""
+    async with HttpTestServer() as server:
+        fetcher = Fetcher()
+        async with fetcher:
+            await fetcher.fetch(server.url("/ok"))
+        with pytest.raises(ClosedResourceError):
+            await fetcher.fetch(server.url("/ok"))
+
+
+@real_time
+async def test_unclosed_fetcher_warns() -> None:
+    """Dropping an open fetcher without aclose() emits ResourceWarning."""
+    fetcher = Fetcher()
+    fetcher.open()
+    # Close aiohttp's session ourselves so that only our own warning is under test.
+    assert fetcher._session is not None
+    await fetcher._session.close()
+    # The session's trace hooks point back at the fetcher: only the cycle collector
+    # frees it, which is when the warning must come.
+    del fetcher
+    with pytest.warns(ResourceWarning, match="unclosed Fetcher"):
+        gc.collect()
+
+
+@real_time
+async def test_results_carry_index_request_and_statistics_count_errors() -> None:
+    """Errors are counted by code; results point back to their request."""
+    async with HttpTestServer() as server, Fetcher(retry=None) as fetcher:
+        requests = [server.url("/status/503"), server.url("/ok"), "ftp://x/"]
+        results: list[Result] = [r async for r in fetcher.fetch_all(requests, ordered=True)]
+        stats = fetcher.statistics()
+    assert [r.request.url for r in results] == requests
+    assert stats.errors == {"http_status_503": 1, "http_invalid_url": 1}
+    assert stats.statuses == {503: 1, 200: 1}
