@@ -140,7 +140,9 @@ class Producer:
         self.retry = retry or Retry(max_attempts=5, initial_delay=0.05, max_delay=2.0)
         self._clock = clock or default_clock()
         self._state = _State.NEW
-        self._queue: deque[_Pending] = deque()
+        # One queue per topic, so that interleaved topics still make full batches.
+        self._queues: dict[str, deque[_Pending]] = {}
+        self._queued = 0
         self._in_flight = 0
         self._published = 0
         self._confirmed = 0
@@ -153,7 +155,7 @@ class Producer:
 
     def __repr__(self) -> str:
         return (
-            f"Producer(state={self._state.value!r}, queued={len(self._queue)}, "
+            f"Producer(state={self._state.value!r}, queued={self._queued}, "
             f"in_flight={self._in_flight}, confirmed={self._confirmed}, "
             f"failed={len(self._failures)})"
         )
@@ -178,7 +180,7 @@ class Producer:
     @property
     def pending(self) -> int:
         """Messages queued or being published, not yet confirmed or failed."""
-        return len(self._queue) + self._in_flight
+        return self._queued + self._in_flight
 
     def report(self) -> ProducerReport:
         """The counts so far (final after ``close()``)."""
@@ -259,7 +261,11 @@ class Producer:
             await self._space.wait()
             if self._state is not _State.OPEN:
                 raise ClosedResourceError("publish on a closing producer")
-        self._queue.append(_Pending(topic, message, future))
+        queue = self._queues.get(topic)
+        if queue is None:
+            queue = self._queues[topic] = deque()
+        queue.append(_Pending(topic, message, future))
+        self._queued += 1
         self._published += 1
         self._settled.clear()
         self._wake.set()
@@ -319,9 +325,12 @@ class Producer:
             await self._broker.close()
 
     def _fail_queued(self, reason: str) -> None:
-        while self._queue:
-            item = self._queue.popleft()
-            self._record_failure(item, PublishError(reason, context={"topic": item.topic}))
+        for queue in self._queues.values():
+            while queue:
+                item = queue.popleft()
+                self._record_failure(item, PublishError(reason, context={"topic": item.topic}))
+        self._queues.clear()
+        self._queued = 0
 
     def _record_failure(self, item: _Pending, error: HeadraceError) -> None:
         self._failures.append(PublishFailure(item.topic, item.message, error))
@@ -333,19 +342,22 @@ class Producer:
         assert self._settled is not None
         assert self._space is not None
         while True:
-            if not self._queue:
+            if not self._queued:
                 self._settled.set()
                 if self._state is not _State.OPEN:
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            topic = self._queue[0].topic
-            batch: list[_Pending] = []
-            # One topic per broker call; keep queue order within the topic.
-            while self._queue and len(batch) < self.batch_size and self._queue[0].topic == topic:
-                batch.append(self._queue.popleft())
-            self._in_flight = len(batch)
+            # The topic queued longest first (dicts keep insertion order); one topic per
+            # broker call, in publish order within the topic.
+            topic, queue = next(iter(self._queues.items()))
+            count = min(len(queue), self.batch_size)
+            batch = [queue.popleft() for _ in range(count)]
+            if not queue:
+                del self._queues[topic]
+            self._queued -= count
+            self._in_flight = count
             try:
                 await self._publish_batch(topic, batch)
             finally:

@@ -268,6 +268,10 @@ class Worker:
             self._early_stop = force or bool(self._early_stop)
             return
         self._stop_requested.set()
+        # Stop fetching and starting handlers in this very instant, not when the
+        # shutdown task next runs: a slot could otherwise take one more message.
+        for route in self._routes:
+            route.stop()
         if force:
             assert self._force_requested is not None
             self._force_requested.set()
@@ -329,8 +333,6 @@ class Worker:
         self._started_at = self._clock.now()
         self._stop_requested = asyncio.Event()
         self._force_requested = asyncio.Event()
-        if self._early_stop is not None:
-            self.stop(force=self._early_stop)
         broker, owned = await self._open_broker()
         routes = [
             Route(
@@ -347,6 +349,8 @@ class Worker:
             for spec in self._specs
         ]
         self._routes = routes
+        if self._early_stop is not None:
+            self.stop(force=self._early_stop)
         installed = self._install_signals() if handle_signals else []
         fetchers: list[asyncio.Task[None]] = []
         slots: list[asyncio.Task[None]] = []

@@ -1,0 +1,443 @@
+"""The Worker on the in-memory broker, on the virtual clock: exact retry and shutdown times."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import pytest
+
+from headrace import Clock, ConfigurationError, HeadraceError, InvalidMessage, Retry
+from headrace._ratelimit import TokenBucket
+from headrace.messaging import MemoryBroker, Message, OutgoingMessage
+from headrace.messaging._idempotency import MemoryIdempotencyStore
+from headrace.messaging._worker import Worker
+
+NO_JITTER = Retry(max_attempts=3, initial_delay=1.0, multiplier=2.0, jitter="none",
+                  retry_on=lambda exc: True)  # fmt: skip
+
+
+class SpyBroker(MemoryBroker):
+    """A real MemoryBroker that also records the batch sizes it was asked for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fetch_sizes: list[int] = []
+        self.ack_sizes: list[int] = []
+        self.handed_back: list[tuple[float, list[str]]] = []
+
+    async def fetch(
+        self, topic: str, max_messages: int, *, timeout: float, lease: float | None = None
+    ) -> list[Message]:
+        self.fetch_sizes.append(max_messages)
+        return await super().fetch(topic, max_messages, timeout=timeout, lease=lease)
+
+    async def ack(self, messages: Sequence[Message]) -> None:
+        self.ack_sizes.append(len(messages))
+        await super().ack(messages)
+
+    async def hand_back(self, messages: Sequence[Message]) -> None:
+        loop = asyncio.get_running_loop()
+        self.handed_back.append((loop.time(), [m.id for m in messages]))
+        await super().hand_back(messages)
+
+
+async def publish(broker: MemoryBroker, topic: str, bodies: list[bytes], **kw: Any) -> list[str]:
+    return await broker.publish(topic, [OutgoingMessage(body, **kw) for body in bodies])
+
+
+async def remaining(broker: MemoryBroker, topic: str) -> list[Message]:
+    """Everything still deliverable in ``topic`` (leased away, so call it last)."""
+    return await broker.fetch(topic, 10_000, timeout=0, lease=1000)
+
+
+async def test_handles_and_acks_every_message(clock: Clock) -> None:
+    """Every message is handled once and acked; nothing is left in the broker."""
+    broker = SpyBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [str(i).encode() for i in range(250)])
+    worker = Worker(broker, clock=clock, ack_batch=100, ack_interval=0.5)
+    seen: list[bytes] = []
+
+    @worker.handler("jobs", concurrency=8)
+    async def handle(message: Message) -> None:
+        await asyncio.sleep(0.01)
+        seen.append(message.body)
+
+    stats = await worker.run(exit_when_idle=1.0, handle_signals=False)
+    assert sorted(seen) == sorted(str(i).encode() for i in range(250))
+    assert (stats.handled, stats.acked, stats.failed, stats.handed_back) == (250, 250, 0, 0)
+    assert broker.fetch_sizes[0] == 8
+    assert max(broker.fetch_sizes) == 8
+    assert sum(broker.ack_sizes) == 250
+    assert max(broker.ack_sizes) == 100
+    assert await remaining(broker, "jobs") == []
+
+
+async def test_retries_use_delayed_nack_at_exact_backoff_times(clock: Clock) -> None:
+    """A failing handler is retried after 1 s, then 2 s (the policy's backoff), not slept."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [b"flaky"])
+    worker = Worker(broker, clock=clock, fetch_timeout=10.0)
+    attempts: list[tuple[float, int]] = []
+
+    @worker.handler("jobs", retry=NO_JITTER)
+    async def handle(message: Message) -> None:
+        attempts.append((clock.now(), message.attempt))
+        if message.attempt < 3:
+            raise ConnectionError("flaky downstream")
+
+    stats = await worker.run(exit_when_idle=5.0, handle_signals=False)
+    assert attempts == [(0.0, 1), (1.0, 2), (3.0, 3)]
+    assert (stats.retried, stats.handled, stats.dead_lettered) == (2, 1, 0)
+
+
+async def test_dead_letters_after_max_attempts_with_the_error_record(clock: Clock) -> None:
+    """After max_attempts, the message is dead-lettered with a kind="bug" error record."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    [message_id] = await publish(broker, "jobs", [b"poison"])
+    worker = Worker(broker, clock=clock)
+
+    @worker.handler("jobs", retry=NO_JITTER)
+    async def handle(message: Message) -> None:
+        raise KeyError("missing field")
+
+    stats = await worker.run(exit_when_idle=5.0, handle_signals=False)
+    assert (stats.failed, stats.retried, stats.dead_lettered) == (3, 2, 1)
+    [dead] = await broker.dead_letters("jobs")
+    assert dead.message.id == message_id
+    assert dead.message.attempt == 3
+    error = dead.error
+    assert error["code"] == "internal_error"
+    assert error["kind"] == "bug"
+    assert error["reason"] == "max_attempts"
+    assert error["attempt"] == 3
+    assert len(error["error_id"]) == 32
+    assert "KeyError" in error["traceback"]
+    assert error["cause"]["type"] == "builtins.KeyError"
+
+
+async def test_non_transient_headrace_error_is_dead_lettered_at_once(clock: Clock) -> None:
+    """The default policy does not retry a HeadraceError that says it is not transient."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [b"x"])
+    worker = Worker(broker, clock=clock)
+    calls = 0
+
+    @worker.handler("jobs")
+    async def handle(message: Message) -> None:
+        nonlocal calls
+        calls += 1
+        raise HeadraceError("refused by the ledger", code="ledger_refused", transient=False)
+
+    await worker.run(exit_when_idle=1.0, handle_signals=False)
+    [dead] = await broker.dead_letters("jobs")
+    assert calls == 1
+    assert (dead.error["code"], dead.error["reason"]) == ("ledger_refused", "not_retryable")
+
+
+async def test_handler_timeout_is_exact_and_retried(clock: Clock) -> None:
+    """A handler over its timeout is cancelled at exactly `timeout` and retried."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [b"slow"])
+    worker = Worker(broker, clock=clock)
+    started: list[float] = []
+
+    @worker.handler("jobs", timeout=2.0, retry=NO_JITTER)
+    async def handle(message: Message) -> None:
+        started.append(clock.now())
+        await asyncio.sleep(100)
+
+    await worker.run(exit_when_idle=5.0, handle_signals=False)
+    # attempt 1 at 0, times out at 2, retry after 1 s -> 3, times out at 5, +2 s -> 7.
+    assert started == [0.0, 3.0, 7.0]
+    [dead] = await broker.dead_letters("jobs")
+    assert dead.error["code"] == "deadline_exceeded"
+    assert dead.error["context"]["timeout"] == 2.0
+
+
+async def test_oversized_and_undecodable_payloads_go_straight_to_the_dlq(clock: Clock) -> None:
+    """Too-large and undecodable bodies are dead-lettered on attempt 1; good ones handled."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+
+    class Order(msgspec.Struct):
+        id: int
+
+    await publish(broker, "orders", [b'{"id": 1}', b"x" * 2000, b"{not json", b'{"id": "two"}'])
+    worker = Worker(broker, clock=clock)
+    handled: list[int] = []
+
+    @worker.handler("orders", max_message_bytes=1000)
+    async def handle(message: Message) -> None:
+        handled.append(msgspec.json.decode(message.body, type=Order).id)
+
+    stats = await worker.run(exit_when_idle=1.0, handle_signals=False)
+    assert handled == [1]
+    dead = sorted(await broker.dead_letters("orders"), key=lambda d: d.message.id)
+    assert [d.error["code"] for d in dead] == [
+        "message_too_large",
+        "invalid_message",
+        "invalid_message",
+    ]
+    assert all(d.message.attempt == 1 and len(d.error["error_id"]) == 32 for d in dead)
+    assert (stats.dead_lettered, stats.retried) == (3, 0)
+
+
+async def test_shutdown_order_acks_handled_and_hands_back_the_rest(clock: Clock) -> None:
+    """On stop: unstarted messages go back at once; in-flight ones are cancelled after
+    shutdown_timeout and handed back; handled ones are acked; no attempt is charged."""
+    broker = SpyBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [b"fast", b"fast"] + [b"slow"] * 8)
+    # A long ack interval: handled messages sit in the ack buffer until the stop flushes it.
+    worker = Worker(broker, clock=clock, shutdown_timeout=5.0, ack_interval=1000.0)
+    cancelled: list[float] = []
+
+    @worker.handler("jobs", concurrency=4, prefetch=2)
+    async def handle(message: Message) -> None:
+        if message.body == b"slow":
+            try:
+                await asyncio.sleep(100)
+            except asyncio.CancelledError:
+                cancelled.append(clock.now())
+                raise
+
+    async def stop_later() -> None:
+        await clock.sleep(1.0)
+        worker.stop()
+
+    stopper = asyncio.create_task(stop_later())
+    stats = await worker.run(handle_signals=False)
+    await stopper
+    assert clock.now() == 6.0
+    assert cancelled == [6.0] * 4
+    # The buffered (fetched, never started) messages went back at the stop itself.
+    assert broker.handed_back[0][0] == 1.0
+    assert len(broker.handed_back[0][1]) == 2
+    assert broker.handed_back[1] == (6.0, broker.handed_back[1][1])
+    assert len(broker.handed_back[1][1]) == 4
+    assert (stats.handled, stats.acked, stats.handed_back) == (2, 2, 6)
+    left = await remaining(broker, "jobs")
+    assert sorted(m.body for m in left) == [b"slow"] * 8
+    assert {m.attempt for m in left} == {1}
+
+
+async def test_second_stop_forces_a_fast_stop_without_losing_anything(clock: Clock) -> None:
+    """stop(force=True) cancels in-flight handlers at once; they are still handed back."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [b"slow"] * 3)
+    worker = Worker(broker, clock=clock, shutdown_timeout=60.0)
+
+    @worker.handler("jobs", concurrency=3)
+    async def handle(message: Message) -> None:
+        await asyncio.sleep(100)
+
+    async def signals() -> None:
+        await clock.sleep(1.0)
+        worker.stop()
+        await clock.sleep(1.0)
+        worker.stop(force=True)
+
+    signaller = asyncio.create_task(signals())
+    stats = await worker.run(handle_signals=False)
+    await signaller
+    assert clock.now() == 2.0
+    assert stats.handed_back == 3
+    assert len(await remaining(broker, "jobs")) == 3
+
+
+async def test_sigterm_then_sigint_stop_the_worker(clock: Clock) -> None:
+    """Real signals: the first stops gracefully, the second forces; nothing is lost."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [b"slow"] * 2)
+    worker = Worker(broker, clock=clock, shutdown_timeout=60.0)
+
+    @worker.handler("jobs", concurrency=2)
+    async def handle(message: Message) -> None:
+        await asyncio.sleep(100)
+
+    async def signals() -> None:
+        await clock.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await clock.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signaller = asyncio.create_task(signals())
+    stats = await worker.run()
+    await signaller
+    assert stats.handed_back == 2
+    assert clock.now() < 60.0
+    assert len(await remaining(broker, "jobs")) == 2
+
+
+async def test_idempotent_handler_has_its_effect_once_per_key(clock: Clock) -> None:
+    """Two deliveries of one key: the handler runs once, the duplicate is acked."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "pay", [b"charge"], key="order-7")
+    await publish(broker, "pay", [b"charge"], key="order-7")
+    await publish(broker, "pay", [b"charge"], key="order-8")
+    store = MemoryIdempotencyStore()
+    worker = Worker(broker, clock=clock, idempotency=store)
+    effects: list[str | None] = []
+
+    @worker.handler("pay", concurrency=1, idempotent=True)
+    async def handle(message: Message) -> None:
+        effects.append(message.key)
+
+    stats = await worker.run(exit_when_idle=1.0, handle_signals=False)
+    assert effects == ["order-7", "order-8"]
+    assert (stats.duplicates, stats.acked) == (1, 3)
+    assert await store.seen("pay:order-7")
+
+
+async def test_failed_idempotent_handler_is_not_recorded(clock: Clock) -> None:
+    """A key is recorded only after success, so a failed attempt is retried."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "pay", [b"charge"], key="k")
+    store = MemoryIdempotencyStore()
+    worker = Worker(broker, clock=clock)
+    calls = 0
+
+    @worker.handler("pay", idempotent=store, retry=NO_JITTER)
+    async def handle(message: Message) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("down")
+
+    await worker.run(exit_when_idle=2.0, handle_signals=False)
+    assert calls == 2
+    assert len(store) == 1
+
+
+async def test_rate_limit_spaces_handler_calls(clock: Clock) -> None:
+    """A TokenBucket(rate=2, burst=1) lets one call start every 0.5 s."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [b"x"] * 5)
+    worker = Worker(broker, clock=clock)
+    starts: list[float] = []
+
+    @worker.handler("jobs", concurrency=5, rate_limit=TokenBucket(2.0, 1, clock=clock))
+    async def handle(message: Message) -> None:
+        starts.append(clock.now())
+
+    await worker.run(exit_when_idle=1.0, handle_signals=False)
+    assert starts == [0.0, 0.5, 1.0, 1.5, 2.0]
+
+
+async def test_long_handler_keeps_its_message_by_extending_the_lease(clock: Clock) -> None:
+    """A 10 s handler with a 3 s lease is not re-delivered: the lease is extended."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [b"long"])
+    worker = Worker(broker, clock=clock, lease=3.0, fetch_timeout=0.5)
+    calls: list[float] = []
+
+    @worker.handler("jobs", concurrency=2)
+    async def handle(message: Message) -> None:
+        calls.append(clock.now())
+        await asyncio.sleep(10)
+
+    stats = await worker.run(exit_when_idle=1.0, handle_signals=False)
+    assert calls == [0.0]
+    assert stats.acked == 1
+
+
+async def test_worker_keeps_running_through_many_bad_messages(clock: Clock) -> None:
+    """Every kind of handler failure is settled; good messages still get handled."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    bodies = [b"ok", b"raise", b"invalid", b"base", b"ok"] * 20
+    await publish(broker, "jobs", bodies)
+    worker = Worker(broker, clock=clock, max_attempts=2, retry_delay=0.1)
+    handled = 0
+
+    @worker.handler("jobs", concurrency=4)
+    async def handle(message: Message) -> None:
+        nonlocal handled
+        if message.body == b"raise":
+            raise RuntimeError("boom")
+        if message.body == b"invalid":
+            raise InvalidMessage("bad schema")
+        if message.body == b"base":
+            raise ArithmeticError("still an Exception")
+        handled += 1
+
+    stats = await worker.run(exit_when_idle=2.0, handle_signals=False)
+    assert handled == 40
+    assert stats.dead_lettered == 60
+    assert len(await broker.dead_letters("jobs", limit=1000)) == 60
+    assert await remaining(broker, "jobs") == []
+
+
+async def test_stop_before_run_returns_at_once(clock: Clock) -> None:
+    """stop() before run(): run() starts, stops, and hands everything back."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [b"x"] * 3)
+    worker = Worker(broker, clock=clock)
+
+    @worker.handler("jobs")
+    async def handle(message: Message) -> None:
+        raise AssertionError("must not run")
+
+    worker.stop()
+    stats = await worker.run(handle_signals=False)
+    assert stats.handled == 0
+    assert len(await remaining(broker, "jobs")) == 3
+
+
+def test_configuration_errors_name_the_inputs() -> None:
+    """Bad arguments fail at construction or registration, naming the argument."""
+    broker = MemoryBroker()
+    with pytest.raises(ConfigurationError, match="max_attempts=0"):
+        Worker(broker, max_attempts=0)
+    with pytest.raises(ConfigurationError, match="lease=-1"):
+        Worker(broker, lease=-1)
+    with pytest.raises(ConfigurationError, match="needs a Broker"):
+        Worker(42)  # type: ignore[arg-type]
+    worker = Worker(broker)
+    with pytest.raises(ConfigurationError, match="concurrency=0"):
+        worker.handler("t", concurrency=0)
+    with pytest.raises(ConfigurationError, match="idempotent=True"):
+        worker.handler("t", idempotent=True)
+    with pytest.raises(ConfigurationError, match="not one"):
+        worker.handler("t")(lambda m: None)  # type: ignore[arg-type,return-value]
+
+    @worker.handler("t")
+    async def handle(message: Message) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match="already has a handler"):
+        worker.handler("t")(handle)
+
+
+async def test_run_twice_is_refused(clock: Clock) -> None:
+    """A worker runs once."""
+    worker = Worker(MemoryBroker(clock=clock), clock=clock)
+
+    @worker.handler("t")
+    async def handle(message: Message) -> None:
+        pass
+
+    worker.stop()
+    await worker.run(handle_signals=False)
+    with pytest.raises(ConfigurationError, match="already"):
+        await worker.run(handle_signals=False)
+    with pytest.raises(ConfigurationError, match="after run"):
+        worker.handler("u")
+
+
+async def test_worker_opens_and_closes_a_broker_url(clock: Clock) -> None:
+    """Given a URL, the worker opens the broker and closes it when done."""
+    shared = MemoryBroker("worker-url-test", clock=clock)
+    await publish(shared, "jobs", [b"a", b"b"])
+    worker = Worker("memory://worker-url-test", clock=clock)
+    got: list[bytes] = []
+
+    @worker.handler("jobs")
+    async def handle(message: Message) -> None:
+        got.append(message.body)
+
+    await worker.run(exit_when_idle=1.0, handle_signals=False)
+    assert sorted(got) == [b"a", b"b"]
+    assert await remaining(shared, "jobs") == []
