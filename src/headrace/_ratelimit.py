@@ -54,6 +54,9 @@ __all__ = [
 ]
 
 _INF = math.inf
+# Token counts are floats advanced by sums like 0.1·10; a shortfall below this many tokens
+# is rounding, not a real lack (Go avoids it with integer nanoseconds; asyncio time is float).
+_EPSILON = 1e-9
 _K = TypeVar("_K", bound=Hashable)
 _L = TypeVar("_L", bound="Limiter")
 
@@ -111,7 +114,8 @@ def _check_timeout(timeout: float | None, name: str, where: str) -> float:
 class RateLimiterStatistics:
     """A snapshot of a :class:`TokenBucket` (``TokenBucket.statistics()``).
 
-    ``tokens`` is the level now, negative while waiters owe tokens; ``waiters`` counts
+    ``tokens`` is what a caller arriving now could take at once (negative: the debt
+    queued in front of it, which it would wait out at ``rate``); ``waiters`` counts
     reservations still sleeping; ``granted`` counts reservations made (immediate or
     waiting) and ``granted_tokens`` their tokens, cancelled ones included; ``denied``
     counts refusals (``try_acquire`` without tokens, a wait longer than the timeout);
@@ -455,12 +459,17 @@ class TokenBucket:
             now = self._base_time  # time never runs backwards for the bucket
         self._settle(now)
         tokens = self._tokens_at(now)
-        if tokens >= n:
+        if tokens + _EPSILON >= n:
             return now
-        if self._ledger and min(self._slack, self._level_at(now)) >= n:
-            # Room before the sleepers (a cancellation, or a MultiLimiter request parked
-            # at a slower bucket's time, left tokens that nobody scheduled needs).
-            return now
+        ledger = self._ledger
+        if ledger and self._slack + _EPSILON >= n:
+            # Room before the sleepers: a cancellation, or a MultiLimiter request parked at
+            # a slower bucket's time, left tokens that none of them needs. A grant before
+            # the first sleeper leaves every sleeper's level >= slack - n >= 0.
+            level = self._level_at(now)
+            when = now if level + _EPSILON >= n else now + (n - level) / self._rate
+            if when <= ledger[0].time_to_act:
+                return when
         return now + (n - tokens) / self._rate
 
     def _commit_at(self, now: float, n: float, when: float) -> Reservation | None:
@@ -499,11 +508,13 @@ class TokenBucket:
                 self._slack = level
             ledger.append(entry)
         else:
-            # Scheduled between sleepers; its own level afterwards is >= 0, the later
-            # ones lose at most n (conservative, as above).
-            bisect.insort(ledger, entry, key=_time_to_act)
+            # Scheduled ahead of some sleepers: they lose at most n each, and its own
+            # level afterwards is known before the first sleeper and >= 0 elsewhere.
+            index = bisect.bisect_right(ledger, when, key=_time_to_act)
+            ledger.insert(index, entry)
+            own = self._level_at(when) - n if index == 0 else 0.0
             self._tail_level -= n
-            self._slack = min(self._slack - n, 0.0)
+            self._slack = min(self._slack - n, own)
         return entry
 
     def _note_cancelled(self, entry: Reservation) -> None:
@@ -527,7 +538,7 @@ class TokenBucket:
             level = self._base + (now - self._base_time) * self._rate
             if level > self._burst:
                 level = self._burst
-            if level >= n:
+            if level + _EPSILON >= n:
                 self._base = level - n
                 self._base_time = now
                 self._granted += 1
@@ -582,6 +593,10 @@ class TokenBucket:
         else:
             self._settle(max(now, self._base_time))
             tokens = self._tokens_at(now)
+            if self._ledger:
+                ahead = min(self._slack, self._level_at(now))
+                if ahead > 0:  # tokens a newcomer may take ahead of the sleepers
+                    tokens = max(tokens, ahead)
         return RateLimiterStatistics(
             rate=self._rate,
             burst=self._burst,
