@@ -131,7 +131,10 @@ async def test_publish_after_close_is_refused(clock: Clock) -> None:
 
 async def test_unclosed_producer_warns(clock: Clock) -> None:
     """A producer garbage-collected without close() emits ResourceWarning."""
-    producer = Producer(MemoryBroker(clock=clock))
-    del producer
-    with pytest.warns(ResourceWarning, match="unclosed"):
+
+    def abandon() -> None:
+        Producer(MemoryBroker(clock=clock))  # dropped at once, never closed
         gc.collect()
+
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        abandon()
