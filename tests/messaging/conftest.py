@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from headrace.messaging import Broker, MemoryBroker
+from headrace import default_clock
+from headrace.messaging import Broker, MemoryBroker, SqliteBroker
 
 BrokerMaker = Callable[..., Broker]
 
@@ -38,6 +39,18 @@ def _memory_case(request: pytest.FixtureRequest) -> BrokerMaker:
     return make
 
 
+def _sqlite_case(request: pytest.FixtureRequest) -> BrokerMaker:
+    path = request.getfixturevalue("tmp_path") / "broker.db"
+
+    def make(**options: Any) -> Broker:
+        # "Wall" time from the loop, so leases and delays follow the virtual clock.
+        options.setdefault("time", default_clock().now)
+        options.setdefault("poll_interval", 0.05)
+        return SqliteBroker(path, **options)
+
+    return make
+
+
 @dataclass(frozen=True)
 class CaseSpec:
     build: Callable[[pytest.FixtureRequest], BrokerMaker]
@@ -46,6 +59,7 @@ class CaseSpec:
 
 BROKER_CASES: dict[str, CaseSpec] = {
     "memory": CaseSpec(_memory_case),
+    "sqlite": CaseSpec(_sqlite_case),
 }
 
 

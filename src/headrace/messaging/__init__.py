@@ -12,6 +12,7 @@ from ._broker import Message as Message
 from ._broker import OutgoingMessage as OutgoingMessage
 from ._url import open_broker as open_broker
 from .brokers.memory import MemoryBroker as MemoryBroker
+from .brokers.sqlite import SqliteBroker as SqliteBroker
 
 __all__ = [
     "Broker",
@@ -20,5 +21,6 @@ __all__ = [
     "MemoryBroker",
     "Message",
     "OutgoingMessage",
+    "SqliteBroker",
     "open_broker",
 ]

@@ -1,0 +1,777 @@
+"""The embedded default broker: a SQLite file in WAL mode, shared by local processes.
+
+Why SQLite: zero setup, durable, and several worker processes on one machine can share
+one file safely (``BEGIN IMMEDIATE`` serialises the claims; WAL lets readers run during
+a write). Why these choices:
+
+* **One row per message, one ``ready_at`` column for delays and leases.** A message is
+  deliverable when ``ready_at <= now``; claiming it sets ``ready_at`` to the lease's
+  expiry and stores a random ``lease_token``. An expired lease therefore needs no
+  reaper: the row is simply ready again, and the claim that takes it (still carrying
+  the old token) counts one more attempt. One index ``(topic, ready_at)`` serves
+  ready-scans, delayed retries and lease expiry alike.
+* **Wall-clock time** (``time.time()``, injectable): leases are compared across
+  processes, which do not share a monotonic clock.
+* **A dedicated thread per broker** owns the connection (sqlite3 connections are tied
+  to a thread), so the event loop never blocks on disk or on another process's lock.
+  Measured against ``asyncio.to_thread`` with a lock: see ``benchmarks/sqlite_broker.py``.
+* **Waiting:** an idle ``fetch`` sleeps until the earliest of its timeout, the next
+  delayed message or lease expiry (one indexed read), a publish in this process (an
+  in-process wake-up), or ``poll_interval`` (publishes by other processes).
+* **Batches:** publish is one transaction with ``executemany``; ack is one
+  ``DELETE ... WHERE id IN (...)``; a claim is one ``UPDATE ... RETURNING``.
+
+Bodies are stored as BLOBs, headers as JSON; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import secrets
+import sqlite3
+import threading
+import time as _time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import msgspec
+
+from ..._clock import Clock, TimerHandle, default_clock
+from ..._errors import (
+    BrokerError,
+    ClosedResourceError,
+    ConfigurationError,
+    HeadraceError,
+    translate_errors,
+)
+from .._broker import BrokerCapabilities, DeadLetter, Message, OutgoingMessage
+from . import (
+    check_error_record,
+    check_fetch_arguments,
+    check_lease,
+    check_outgoing,
+    check_topic,
+    max_deliveries_record,
+)
+
+__all__ = ["SqliteBroker"]
+
+_T = TypeVar("_T")
+
+_CAPABILITIES = BrokerCapabilities(
+    handback_costs_attempt=False,
+    counts_attempts=True,
+    ordered=True,
+    delayed_nack=True,
+    lease_extension=True,
+    persistent=True,
+)
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS headrace_messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, so a stale ack cannot hit a newer row
+    topic TEXT NOT NULL,
+    body BLOB NOT NULL,
+    headers TEXT,                          -- JSON object, NULL when empty
+    key TEXT,
+    ready_at REAL NOT NULL,                -- Unix s: deliverable from (lease expiry if leased)
+    attempt INTEGER NOT NULL DEFAULT 1,    -- attempt number of the next or current delivery
+    lease_token INTEGER,                   -- the current or last delivery (NULL: returned)
+    published_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS headrace_messages_ready ON headrace_messages (topic, ready_at);
+CREATE TABLE IF NOT EXISTS headrace_dead_letters (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    body BLOB NOT NULL,
+    headers TEXT,
+    key TEXT,
+    attempt INTEGER NOT NULL,
+    error TEXT NOT NULL,                   -- JSON error record (HeadraceError.to_dict())
+    dead_lettered_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS headrace_dead_letters_topic ON headrace_dead_letters (topic, seq);
+"""
+
+_SYNCHRONOUS = ("off", "normal", "full", "extra")
+# SQLite's default limit on bound parameters per statement is 32766; stay well below.
+_CHUNK = 900
+
+_ERRORS: Mapping[type[BaseException], type[HeadraceError]] = {sqlite3.Error: BrokerError}
+
+
+def _chunks(items: Sequence[_T], size: int = _CHUNK) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _marks(count: int) -> str:
+    return ",".join("?" * count)
+
+
+def _encode_headers(headers: Mapping[str, str]) -> str | None:
+    return msgspec.json.encode(dict(headers)).decode() if headers else None
+
+
+def _decode_headers(text: str | None) -> dict[str, str]:
+    if not text:
+        return {}
+    decoded: dict[str, str] = msgspec.json.decode(text)
+    return decoded
+
+
+class _Waiter:
+    __slots__ = ("future", "loop", "topic")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None], topic: str
+    ) -> None:
+        self.loop = loop
+        self.future = future
+        self.topic = topic
+
+
+# fetches waiting in this process, by database file: a local publish wakes them at once.
+_LOCAL_WAITERS: dict[str, set[_Waiter]] = {}
+_LOCAL_LOCK = threading.Lock()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _notify_local(path_key: str, topic: str) -> None:
+    with _LOCAL_LOCK:
+        waiters = [w for w in _LOCAL_WAITERS.get(path_key, ()) if w.topic == topic]
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    for waiter in waiters:
+        if waiter.loop is running:
+            _wake(waiter.future)
+        else:
+            try:
+                waiter.loop.call_soon_threadsafe(_wake, waiter.future)
+            except RuntimeError:  # that loop is closed; its fetch is gone
+                pass
+
+
+class SqliteBroker:
+    """A durable broker in one SQLite file, shared by the processes of one machine.
+
+    The embedded default: ``sqlite:///jobs.db`` needs no server, survives restarts and
+    crashes (WAL journal), and lets several worker processes consume one topic without
+    ever holding the same message at once. Use :class:`MemoryBroker` for tests that need
+    no durability, and Redis (or another server broker) when consumers run on several
+    machines. Measured here (2 shared cores): batched publish about 150-250k msgs/s,
+    claim + ack about 40-60k msgs/s per process in batches of 100.
+
+    ``path`` is the database file (created if missing; ``":memory:"`` for a private,
+    non-durable one). ``max_deliveries`` (default 20, ``None`` for no cap)
+    dead-letters a message delivered that many times without an ack (a consumer crash
+    loop); set it above the worker's ``max_attempts``. ``lease`` is the default of
+    ``fetch(lease=...)``; ``poll_interval`` (seconds, default 0.1) bounds how late an
+    idle ``fetch`` sees a message published by *another process*; ``busy_timeout``
+    (seconds, default 30) is how long a statement waits for another process's write
+    lock before failing with :class:`~headrace.BrokerError`; ``synchronous`` is SQLite's
+    setting (``"normal"``: durable against process crashes, the last transactions may
+    roll back on power loss; ``"full"``: durable against power loss, slower). ``time``
+    returns Unix seconds (leases, delays; injectable for tests) and ``clock`` drives the
+    waiting.
+
+    Safe to share between the tasks of one event loop (operations queue on the
+    broker's thread); use one broker per process. Always ``close()`` it (or use
+    ``async with``); an unclosed broker emits ``ResourceWarning``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_deliveries: int | None = 20,
+        lease: float = 30.0,
+        poll_interval: float = 0.1,
+        busy_timeout: float = 30.0,
+        synchronous: str = "normal",
+        time: Callable[[], float] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if max_deliveries is not None and (
+            isinstance(max_deliveries, bool)
+            or not isinstance(max_deliveries, int)
+            or max_deliveries < 1
+        ):
+            raise ConfigurationError(
+                f"SqliteBroker(max_deliveries={max_deliveries!r}) must be an integer >= 1 or None",
+                code="invalid_max_deliveries",
+            )
+        self._lease = check_lease(lease, where="SqliteBroker(lease)")
+        self._poll_interval = check_lease(poll_interval, where="SqliteBroker(poll_interval)")
+        self._busy_timeout = check_lease(busy_timeout, where="SqliteBroker(busy_timeout)")
+        if not isinstance(synchronous, str) or synchronous.lower() not in _SYNCHRONOUS:
+            raise ConfigurationError(
+                f"SqliteBroker(synchronous={synchronous!r}) must be one of "
+                f"{', '.join(_SYNCHRONOUS)}",
+                code="invalid_configuration",
+            )
+        self._synchronous = synchronous.lower()
+        self._path = os.fspath(path)
+        if not self._path:
+            raise ConfigurationError("SqliteBroker(path='') names no file", code="invalid_path")
+        if self._path == ":memory:":
+            self._path_key = f":memory:{id(self)}"
+        else:
+            self._path_key = os.path.realpath(self._path)
+        self._max_deliveries = max_deliveries
+        self._time = time if time is not None else _time.time
+        self._last_wall = -math.inf
+        self._clock = clock if clock is not None else default_clock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headrace-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._connected = False
+        self._closed = False
+        self._waiters: set[_Waiter] = set()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> BrokerCapabilities:
+        """Everything supported, persistent."""
+        return _CAPABILITIES
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def max_deliveries(self) -> int | None:
+        return self._max_deliveries
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open" if self._connected else "new"
+        return f"SqliteBroker({self._path!r}, {state})"
+
+    async def __aenter__(self) -> SqliteBroker:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_connected", False) and not self._closed:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                try:
+                    self._executor.submit(conn.close)
+                except RuntimeError:
+                    pass
+            self._executor.shutdown(wait=False)
+
+    def _check_open(self, operation: str) -> None:
+        if self._closed:
+            raise ClosedResourceError(
+                f"{operation}() on a closed {self!r}", context={"operation": operation}
+            )
+
+    def _wall(self) -> float:
+        # Never backwards within this broker (NTP steps), so publish order stays order.
+        now = self._time()
+        if now < self._last_wall:
+            now = self._last_wall
+        self._last_wall = now
+        return now
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn
+        assert conn is not None, "used before connect"
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    async def _call(self, operation: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn(*args)`` on the broker's thread, connecting first if needed."""
+        self._check_open(operation)
+        if not self._connected:
+            await self.connect()
+        loop = asyncio.get_running_loop()
+        with translate_errors(
+            _ERRORS,
+            message=lambda exc: f"SQLite {operation}() on {self._path!r} failed: {exc}",
+            context={"operation": operation, "path": self._path},
+        ):
+            return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def connect(self) -> None:
+        """Open the file (WAL mode, schema created if missing); idempotent."""
+        self._check_open("connect")
+        if self._connected:
+            return
+        loop = asyncio.get_running_loop()
+        with translate_errors(
+            _ERRORS,
+            message=lambda exc: f"cannot open SQLite broker {self._path!r}: {exc}",
+            context={"operation": "connect", "path": self._path},
+        ):
+            await loop.run_in_executor(self._executor, self._open_sync)
+        self._connected = True
+
+    def _open_sync(self) -> None:
+        if self._conn is not None:
+            return
+        conn = sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout,
+            isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
+            check_same_thread=False,  # only this broker's thread uses it; __del__ closes it
+        )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, _SCHEMA_VERSION):
+                raise BrokerError(
+                    f"{self._path!r} has headrace schema version {version}; this headrace "
+                    f"reads version {_SCHEMA_VERSION}",
+                    code="incompatible_schema",
+                )
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    async def close(self) -> None:
+        """Close the connection and the broker's thread (idempotent).
+
+        A ``fetch`` waiting on this broker raises :class:`~headrace.ClosedResourceError`.
+        Operations already running finish first. Leased messages stay leased until
+        their lease expires (the worker hands them back before closing).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for waiter in list(self._waiters):
+            _wake(waiter.future)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, conn.close)
+        self._executor.shutdown(wait=False)
+
+    # -- publishing ---------------------------------------------------------------------
+
+    async def publish(self, topic: str, messages: Sequence[OutgoingMessage]) -> list[str]:
+        """Append ``messages`` to ``topic`` in one transaction; return their ids in order.
+
+        The ids are returned once the transaction committed (durable per
+        ``synchronous``)."""
+        self._check_open("publish")
+        check_topic(topic)
+        outgoing = check_outgoing(topic, messages)
+        if not outgoing:
+            return []
+        now = self._wall()
+        rows = [
+            (
+                topic,
+                message.body,
+                _encode_headers(message.headers),
+                message.key,
+                now + message.delay,
+                now,
+            )
+            for message in outgoing
+        ]
+        ids = await self._call("publish", self._publish_sync, rows)
+        _notify_local(self._path_key, topic)
+        return ids
+
+    def _publish_sync(self, rows: list[tuple[Any, ...]]) -> list[str]:
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT INTO headrace_messages (topic, body, headers, key, ready_at, "
+                "published_at) VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            # AUTOINCREMENT ids are consecutive inside our write transaction.
+            (last,) = conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'headrace_messages'"
+            ).fetchone()
+        first = last - len(rows) + 1
+        return [str(i) for i in range(first, last + 1)]
+
+    # -- consuming ----------------------------------------------------------------------
+
+    async def fetch(
+        self,
+        topic: str,
+        max_messages: int,
+        *,
+        timeout: float,
+        lease: float | None = None,
+    ) -> list[Message]:
+        """Lease up to ``max_messages`` ready messages of ``topic`` (publish order),
+        waiting up to ``timeout`` seconds for the first; ``lease`` seconds (default: the
+        broker's) until they are delivered again."""
+        self._check_open("fetch")
+        check_topic(topic)
+        lease = self._lease if lease is None else lease
+        check_fetch_arguments(max_messages, timeout, lease)
+        clock = self._clock
+        deadline = clock.now() + timeout
+        while True:
+            wall = self._wall()
+            batch, next_ready = await self._claim(topic, max_messages, wall, lease)
+            if batch:
+                return batch
+            now = clock.now()
+            if now >= deadline:
+                return []
+            wake_at = min(deadline, now + self._poll_interval)
+            if next_ready is not None:
+                wake_at = min(wake_at, now + max(0.0, next_ready - wall))
+            await self._wait(topic, wake_at)
+            self._check_open("fetch")
+
+    async def _wait(self, topic: str, wake_at: float) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        waiter = _Waiter(loop, future, topic)
+        handle: TimerHandle | None = None
+        if math.isfinite(wake_at):
+            handle = self._clock.call_at(wake_at, lambda: _wake(future))
+        with _LOCAL_LOCK:
+            _LOCAL_WAITERS.setdefault(self._path_key, set()).add(waiter)
+        self._waiters.add(waiter)
+        try:
+            await future
+        finally:
+            if handle is not None:
+                handle.cancel()
+            self._waiters.discard(waiter)
+            with _LOCAL_LOCK:
+                local = _LOCAL_WAITERS.get(self._path_key)
+                if local is not None:
+                    local.discard(waiter)
+                    if not local:
+                        del _LOCAL_WAITERS[self._path_key]
+
+    async def _claim(
+        self, topic: str, limit: int, now: float, lease: float
+    ) -> tuple[list[Message], float | None]:
+        self._check_open("fetch")
+        if not self._connected:
+            await self.connect()
+        token = secrets.randbits(62)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(
+            self._executor, self._claim_sync, topic, limit, now, now + lease, token
+        )
+        try:
+            with translate_errors(
+                _ERRORS,
+                message=lambda exc: f"SQLite fetch() on {self._path!r} failed: {exc}",
+                context={"operation": "fetch", "path": self._path, "topic": topic},
+            ):
+                return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The claim may commit after we stop waiting: hand its messages back then,
+            # so a cancelled fetch does not park them until their lease expires.
+            future.add_done_callback(self._release_orphans)
+            raise
+
+    def _release_orphans(self, future: asyncio.Future[tuple[list[Message], float | None]]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        messages, _ = future.result()
+        if not messages or self._conn is None:
+            return
+        try:
+            self._executor.submit(self._return_sync, messages, None, 0)
+        except RuntimeError:  # closed meanwhile: the leases expire instead
+            pass
+
+    def _claim_sync(
+        self, topic: str, limit: int, now: float, until: float, token: int
+    ) -> tuple[list[Message], float | None]:
+        conn = self._conn
+        assert conn is not None, "used before connect"
+        # A read first (no write lock): idle consumers must not queue on the lock.
+        row = conn.execute(
+            "SELECT ready_at FROM headrace_messages WHERE topic = ? ORDER BY ready_at LIMIT 1",
+            (topic,),
+        ).fetchone()
+        if row is None:
+            return [], None
+        if row[0] > now:
+            return [], float(row[0])
+        cap = self._max_deliveries
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "UPDATE headrace_messages SET ready_at = ?, lease_token = ?, "
+                "attempt = attempt + (lease_token IS NOT NULL) "
+                "WHERE id IN (SELECT id FROM headrace_messages WHERE topic = ? AND ready_at <= ? "
+                "ORDER BY ready_at, id LIMIT ?) "
+                "RETURNING id, body, headers, key, attempt",
+                (until, token, topic, now, limit),
+            ).fetchall()
+            if cap is not None:
+                over = [r for r in rows if r[4] > cap]
+                if over:
+                    self._dead_letter_rows(conn, topic, over, now, cap)
+                    rows = [r for r in rows if r[4] <= cap]
+        rows.sort(key=lambda r: int(r[0]))
+        messages = [
+            Message(
+                id=str(id),
+                topic=topic,
+                body=body,
+                headers=_decode_headers(headers),
+                attempt=attempt,
+                key=key,
+                receipt=token,
+            )
+            for id, body, headers, key, attempt in rows
+        ]
+        return messages, None
+
+    @staticmethod
+    def _dead_letter_rows(
+        conn: sqlite3.Connection, topic: str, rows: list[Any], now: float, cap: int
+    ) -> None:
+        conn.executemany(
+            "INSERT INTO headrace_dead_letters (message_id, topic, body, headers, key, "
+            "attempt, error, dead_lettered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    str(id),
+                    topic,
+                    body,
+                    headers,
+                    key,
+                    attempt - 1,
+                    msgspec.json.encode(
+                        max_deliveries_record(topic, str(id), attempt - 1, cap)
+                    ).decode(),
+                    now,
+                )
+                for id, body, headers, key, attempt in rows
+            ],
+        )
+        for chunk in _chunks([r[0] for r in rows]):
+            conn.execute(
+                f"DELETE FROM headrace_messages WHERE id IN ({_marks(len(chunk))})",
+                tuple(chunk),
+            )
+
+    async def ack(self, messages: Sequence[Message]) -> None:
+        """Delete handled messages (one statement per 900), even if their lease expired."""
+        self._check_open("ack")
+        ids = [int(m.id) for m in messages]
+        if ids:
+            await self._call("ack", self._ack_sync, ids)
+
+    def _ack_sync(self, ids: list[int]) -> None:
+        conn = self._conn
+        assert conn is not None, "used before connect"
+        if len(ids) <= _CHUNK:
+            conn.execute(
+                f"DELETE FROM headrace_messages WHERE id IN ({_marks(len(ids))})",
+                ids,
+            )
+            return
+        with self._transaction() as conn:
+            for chunk in _chunks(ids):
+                conn.execute(
+                    f"DELETE FROM headrace_messages WHERE id IN ({_marks(len(chunk))})",
+                    tuple(chunk),
+                )
+
+    async def nack(self, messages: Sequence[Message], *, delay: float = 0.0) -> None:
+        """Return messages for a retry after ``delay`` seconds, counting an attempt.
+
+        Messages no longer held by this delivery (lease expired and taken by another
+        consumer, acked) are left alone."""
+        self._check_open("nack")
+        if (
+            isinstance(delay, bool)
+            or not isinstance(delay, int | float)
+            or not math.isfinite(delay)
+            or delay < 0
+        ):
+            raise ConfigurationError(
+                f"nack(delay={delay!r}) must be finite seconds >= 0", code="invalid_nack"
+            )
+        if messages:
+            ready_at = self._wall() + delay
+            await self._call("nack", self._return_sync, list(messages), ready_at, 1)
+            for topic in {m.topic for m in messages}:
+                _notify_local(self._path_key, topic)
+
+    async def hand_back(self, messages: Sequence[Message]) -> None:
+        """Return fetched-but-unhandled messages at once, to their place in the order,
+        without counting an attempt."""
+        self._check_open("hand_back")
+        if messages:
+            await self._call("hand_back", self._return_sync, list(messages), None, 0)
+            for topic in {m.topic for m in messages}:
+                _notify_local(self._path_key, topic)
+
+    def _return_sync(self, messages: list[Message], ready_at: float | None, cost: int) -> None:
+        # ready_at None: back to the message's place (ordered by publish time).
+        rows = [(cost, int(m.id), m.receipt) for m in messages if m.receipt is not None]
+        with self._transaction() as conn:
+            if ready_at is None:
+                conn.executemany(
+                    "UPDATE headrace_messages SET ready_at = published_at, lease_token = NULL, "
+                    "attempt = attempt + ? WHERE id = ? AND lease_token = ?",
+                    rows,
+                )
+            else:
+                conn.executemany(
+                    "UPDATE headrace_messages SET ready_at = ?, lease_token = NULL, "
+                    "attempt = attempt + ? WHERE id = ? AND lease_token = ?",
+                    [(ready_at, *row) for row in rows],
+                )
+
+    async def extend_lease(self, messages: Sequence[Message], lease: float) -> None:
+        """Renew the leases of messages still held by this delivery to ``lease`` s from now."""
+        self._check_open("extend_lease")
+        check_lease(lease, where="extend_lease(lease)")
+        if messages:
+            until = self._wall() + lease
+            rows = [(until, int(m.id), m.receipt) for m in messages if m.receipt is not None]
+            await self._call("extend_lease", self._extend_sync, rows)
+
+    def _extend_sync(self, rows: list[tuple[float, int, int]]) -> None:
+        with self._transaction() as conn:
+            conn.executemany(
+                "UPDATE headrace_messages SET ready_at = ? WHERE id = ? AND lease_token = ?",
+                rows,
+            )
+
+    # -- dead letters -------------------------------------------------------------------
+
+    async def dead_letter(self, message: Message, error: Mapping[str, Any]) -> None:
+        """Move ``message`` and its JSON ``error`` record to the dead-letter table in one
+        transaction. A message already acked or dead-lettered is not stored twice."""
+        self._check_open("dead_letter")
+        encoded = check_error_record(error).decode()
+        await self._call("dead_letter", self._dead_letter_sync, message, encoded, self._wall())
+
+    def _dead_letter_sync(self, message: Message, error: str, now: float) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO headrace_dead_letters (message_id, topic, body, headers, key, "
+                "attempt, error, dead_lettered_at) "
+                "SELECT id, topic, body, headers, key, ?, ?, ? FROM headrace_messages "
+                "WHERE id = ?",
+                (message.attempt, error, now, int(message.id)),
+            )
+            conn.execute("DELETE FROM headrace_messages WHERE id = ?", (int(message.id),))
+
+    async def dead_letters(self, topic: str, *, limit: int = 100) -> list[DeadLetter]:
+        """The newest ``limit`` dead letters of ``topic``, newest first."""
+        self._check_open("dead_letters")
+        check_topic(topic)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigurationError(
+                f"dead_letters(limit={limit!r}) must be an integer >= 1", code="invalid_limit"
+            )
+        return await self._call("dead_letters", self._dead_letters_sync, topic, limit)
+
+    def _dead_letters_sync(self, topic: str, limit: int) -> list[DeadLetter]:
+        conn = self._conn
+        assert conn is not None, "used before connect"
+        rows = conn.execute(
+            "SELECT message_id, body, headers, key, attempt, error, dead_lettered_at "
+            "FROM headrace_dead_letters WHERE topic = ? ORDER BY seq DESC LIMIT ?",
+            (topic, limit),
+        ).fetchall()
+        return [
+            DeadLetter(
+                Message(
+                    id=message_id,
+                    topic=topic,
+                    body=body,
+                    headers=_decode_headers(headers),
+                    attempt=attempt,
+                    key=key,
+                ),
+                msgspec.json.decode(error),
+                dead_lettered_at,
+            )
+            for message_id, body, headers, key, attempt, error, dead_lettered_at in rows
+        ]
+
+    async def replay_dead_letters(self, topic: str, ids: Sequence[str] | None = None) -> int:
+        """Publish dead letters of ``topic`` again as new messages (attempt 1, same body,
+        key and headers), all of them or those whose message id is in ``ids``, in one
+        transaction; return how many. They leave the dead-letter table."""
+        self._check_open("replay_dead_letters")
+        check_topic(topic)
+        wanted = None if ids is None else [str(i) for i in ids]
+        count = await self._call(
+            "replay_dead_letters", self._replay_sync, topic, wanted, self._wall()
+        )
+        if count:
+            _notify_local(self._path_key, topic)
+        return count
+
+    def _replay_sync(self, topic: str, ids: list[str] | None, now: float) -> int:
+        with self._transaction() as conn:
+            if ids is None:
+                rows = conn.execute(
+                    "SELECT seq, body, headers, key FROM headrace_dead_letters "
+                    "WHERE topic = ? ORDER BY seq",
+                    (topic,),
+                ).fetchall()
+            else:
+                rows = []
+                for chunk in _chunks(ids):
+                    rows += conn.execute(
+                        "SELECT seq, body, headers, key FROM headrace_dead_letters "
+                        f"WHERE topic = ? AND message_id IN ({_marks(len(chunk))})",
+                        (topic, *chunk),
+                    ).fetchall()
+                rows.sort()
+            conn.executemany(
+                "INSERT INTO headrace_messages (topic, body, headers, key, ready_at, "
+                "published_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(topic, body, headers, key, now, now) for _, body, headers, key in rows],
+            )
+            for chunk in _chunks([r[0] for r in rows]):
+                conn.execute(
+                    f"DELETE FROM headrace_dead_letters WHERE seq IN ({_marks(len(chunk))})",
+                    tuple(chunk),
+                )
+        return len(rows)
