@@ -17,6 +17,8 @@ from ._channel import ChannelStatistics as ChannelStatistics
 from ._clock import Clock as Clock
 from ._clock import MonotonicClock as MonotonicClock
 from ._clock import default_clock as default_clock
+from ._compensation import Compensation as Compensation
+from ._compensation import CompensationError as CompensationError
 from ._errors import BrokerConnectionError as BrokerConnectionError
 from ._errors import BrokerError as BrokerError
 from ._errors import ClosedResourceError as ClosedResourceError
@@ -50,6 +52,8 @@ __all__ = [
     "ChannelStatistics",
     "Clock",
     "ClosedResourceError",
+    "Compensation",
+    "CompensationError",
     "ConfigurationError",
     "DeadlineExceeded",
     "DeadlineScope",

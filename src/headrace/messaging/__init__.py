@@ -10,17 +10,39 @@ from ._broker import BrokerCapabilities as BrokerCapabilities
 from ._broker import DeadLetter as DeadLetter
 from ._broker import Message as Message
 from ._broker import OutgoingMessage as OutgoingMessage
+from ._idempotency import IdempotencyStore as IdempotencyStore
+from ._idempotency import IdempotentTransaction as IdempotentTransaction
+from ._idempotency import MemoryIdempotencyStore as MemoryIdempotencyStore
+from ._idempotency import RedisIdempotencyStore as RedisIdempotencyStore
+from ._idempotency import SqliteIdempotencyStore as SqliteIdempotencyStore
+from ._producer import Producer as Producer
+from ._producer import ProducerCloseError as ProducerCloseError
+from ._producer import ProducerReport as ProducerReport
+from ._producer import PublishFailure as PublishFailure
 from ._url import open_broker as open_broker
 from .brokers.memory import MemoryBroker as MemoryBroker
+from ._worker import Worker as Worker
+from ._worker import WorkerStatistics as WorkerStatistics
 from .brokers.sqlite import SqliteBroker as SqliteBroker
 
 __all__ = [
     "Broker",
     "BrokerCapabilities",
     "DeadLetter",
+    "IdempotencyStore",
+    "IdempotentTransaction",
     "MemoryBroker",
+    "MemoryIdempotencyStore",
     "Message",
     "OutgoingMessage",
+    "Producer",
+    "ProducerCloseError",
+    "ProducerReport",
+    "PublishFailure",
+    "RedisIdempotencyStore",
     "SqliteBroker",
+    "SqliteIdempotencyStore",
+    "Worker",
+    "WorkerStatistics",
     "open_broker",
 ]
