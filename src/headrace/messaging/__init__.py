@@ -20,9 +20,9 @@ from ._producer import ProducerCloseError as ProducerCloseError
 from ._producer import ProducerReport as ProducerReport
 from ._producer import PublishFailure as PublishFailure
 from ._url import open_broker as open_broker
-from .brokers.memory import MemoryBroker as MemoryBroker
 from ._worker import Worker as Worker
 from ._worker import WorkerStatistics as WorkerStatistics
+from .brokers.memory import MemoryBroker as MemoryBroker
 from .brokers.sqlite import SqliteBroker as SqliteBroker
 
 __all__ = [
