@@ -51,6 +51,31 @@ def _sqlite_case(request: pytest.FixtureRequest) -> BrokerMaker:
     return make
 
 
+def _redis_case(request: pytest.FixtureRequest) -> BrokerMaker:
+    # Imported here: redis-py is an optional dependency of the Redis adapter only.
+    import uuid
+
+    import redis
+
+    from headrace.messaging.brokers.redis import RedisBroker
+
+    url = request.getfixturevalue("redis_url")
+    # A unique key prefix per test: other runs may share the database.
+    prefix = f"conformance-{uuid.uuid4().hex}:"
+
+    def cleanup() -> None:
+        with redis.Redis.from_url(url) as client:
+            for key in client.scan_iter(match=prefix + "*"):
+                client.delete(key)
+
+    request.addfinalizer(cleanup)
+
+    def make(**options: Any) -> Broker:
+        return RedisBroker(url, prefix=prefix, **options)
+
+    return make
+
+
 @dataclass(frozen=True)
 class CaseSpec:
     build: Callable[[pytest.FixtureRequest], BrokerMaker]
@@ -60,6 +85,7 @@ class CaseSpec:
 BROKER_CASES: dict[str, CaseSpec] = {
     "memory": CaseSpec(_memory_case),
     "sqlite": CaseSpec(_sqlite_case),
+    "redis": CaseSpec(_redis_case, real_time=True),
 }
 
 
