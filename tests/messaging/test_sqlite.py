@@ -1,0 +1,325 @@
+"""SqliteBroker beyond the conformance suite: processes, durability, the file itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+from headrace import BrokerError, Clock, ConfigurationError
+from headrace.messaging import OutgoingMessage, SqliteBroker, open_broker
+
+
+class FakeWallTime:
+    """A settable Unix time, so lease and delay decisions can be asserted exactly."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def numbered(count: int, start: int = 0) -> list[OutgoingMessage]:
+    return [OutgoingMessage(str(n).encode()) for n in range(start, start + count)]
+
+
+def rows(path: Path, sql: str, *args: object) -> list[tuple]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+# A consumer process: fetch, ack, print the ids it handled as JSON; optionally die
+# (SIGKILL itself) after fetching its first batch without acking it.
+CONSUMER = """
+import asyncio, json, os, signal, sys
+from headrace.messaging import SqliteBroker
+
+async def main(path, die):
+    handled = []
+    async with SqliteBroker(path, poll_interval=0.02) as broker:
+        idle = 0
+        while idle < 3:
+            batch = await broker.fetch("jobs", 25, timeout=0.3, lease=float(sys.argv[3]))
+            if not batch:
+                idle += 1
+                continue
+            idle = 0
+            if die:
+                print(json.dumps([m.id for m in batch]), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            handled.extend((m.id, m.attempt) for m in batch)
+            await broker.ack(batch)
+    print(json.dumps(handled), flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2] == "die"))
+"""
+
+
+async def run_consumer(path: Path, mode: str, lease: float) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CONSUMER,
+        str(path),
+        mode,
+        str(lease),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stdout.decode()
+
+
+@pytest.mark.real_time
+@pytest.mark.slow
+async def test_several_processes_share_one_file(tmp_path: Path) -> None:
+    """3 consumer processes on one file handle 1,500 messages: each exactly once, none lost."""
+    path = tmp_path / "jobs.db"
+    async with SqliteBroker(path) as producer:
+        ids: list[str] = []
+        for start in range(0, 1500, 500):
+            ids += await producer.publish("jobs", numbered(500, start))
+    results = await asyncio.gather(*(run_consumer(path, "work", 30.0) for _ in range(3)))
+    handled = []
+    for returncode, output in results:
+        assert returncode == 0
+        handled += [message_id for message_id, _ in json.loads(output)]
+    assert sorted(handled, key=int) == ids
+    assert rows(path, "SELECT count(*) FROM headrace_messages") == [(0,)]
+
+
+@pytest.mark.real_time
+@pytest.mark.slow
+async def test_kill_9_loses_nothing(tmp_path: Path) -> None:
+    """A consumer SIGKILLed holding a batch: another process gets that batch after the lease."""
+    path = tmp_path / "jobs.db"
+    async with SqliteBroker(path) as producer:
+        ids = await producer.publish("jobs", numbered(100))
+    returncode, output = await run_consumer(path, "die", 0.5)
+    assert returncode == -signal.SIGKILL
+    taken = json.loads(output)
+    assert len(taken) == 25
+    returncode, output = await run_consumer(path, "work", 30.0)
+    assert returncode == 0
+    handled = dict(json.loads(output))
+    assert sorted(handled, key=int) == ids
+    assert {handled[i] for i in taken} == {2}
+    assert {handled[i] for i in ids if i not in taken} == {1}
+
+
+async def test_messages_and_leases_survive_reopen(tmp_path: Path) -> None:
+    """Unacked and dead-lettered messages persist in the file across a close and reopen."""
+    path = tmp_path / "jobs.db"
+    wall = FakeWallTime()
+    async with SqliteBroker(path, time=wall) as broker:
+        ids = await broker.publish("jobs", numbered(3))
+        leased = await broker.fetch("jobs", 2, timeout=0, lease=10.0)
+        assert [m.id for m in leased] == ids[:2]
+        await broker.dead_letter(leased[1], {"code": "poison"})
+    async with SqliteBroker(path, time=wall) as broker:
+        [free] = await broker.fetch("jobs", 5, timeout=0, lease=100.0)
+        assert free.id == ids[2]
+        wall.now += 10.0
+        [again] = await broker.fetch("jobs", 5, timeout=0, lease=10.0)
+        assert (again.id, again.attempt) == (ids[0], 2)
+        [letter] = await broker.dead_letters("jobs")
+        assert (letter.message.id, letter.error) == (ids[1], {"code": "poison"})
+
+
+async def test_file_is_in_wal_mode(tmp_path: Path) -> None:
+    """The broker puts the file in WAL mode, and a reader can read during its writes."""
+    path = tmp_path / "jobs.db"
+    async with SqliteBroker(path) as broker:
+        await broker.publish("jobs", numbered(1))
+        assert rows(path, "PRAGMA journal_mode") == [("wal",)]
+        assert rows(path, "SELECT topic, body FROM headrace_messages") == [("jobs", b"0")]
+
+
+async def test_lease_expiry_follows_wall_time(tmp_path: Path) -> None:
+    """Leases are stored as wall-clock times: expiry is decided by the time source alone."""
+    wall = FakeWallTime()
+    async with SqliteBroker(tmp_path / "jobs.db", time=wall) as broker:
+        await broker.publish("jobs", numbered(1))
+        [first] = await broker.fetch("jobs", 1, timeout=0, lease=10.0)
+        assert rows(tmp_path / "jobs.db", "SELECT ready_at FROM headrace_messages") == [
+            (wall.now + 10.0,)
+        ]
+        wall.now += 9.999
+        assert await broker.fetch("jobs", 1, timeout=0, lease=10.0) == []
+        wall.now += 0.001
+        [second] = await broker.fetch("jobs", 1, timeout=0, lease=10.0)
+        assert (second.id, second.attempt) == (first.id, 2)
+
+
+async def test_delayed_retry_uses_ready_at(tmp_path: Path) -> None:
+    """nack(delay) stores ready_at = now + delay and counts the attempt; not delivered before."""
+    path = tmp_path / "jobs.db"
+    wall = FakeWallTime()
+    async with SqliteBroker(path, time=wall) as broker:
+        await broker.publish("jobs", numbered(1))
+        [first] = await broker.fetch("jobs", 1, timeout=0, lease=30.0)
+        await broker.nack([first], delay=5.0)
+        assert rows(path, "SELECT ready_at, attempt, lease_token FROM headrace_messages") == [
+            (wall.now + 5.0, 2, None)
+        ]
+        wall.now += 4.999
+        assert await broker.fetch("jobs", 1, timeout=0, lease=30.0) == []
+        wall.now += 0.001
+        [second] = await broker.fetch("jobs", 1, timeout=0, lease=30.0)
+        assert second.attempt == 2
+
+
+async def test_dead_letter_table_rows(tmp_path: Path) -> None:
+    """dead_letter moves the row to headrace_dead_letters with the JSON error and attempt."""
+    path = tmp_path / "jobs.db"
+    wall = FakeWallTime()
+    async with SqliteBroker(path, time=wall) as broker:
+        [message_id] = await broker.publish("jobs", [OutgoingMessage(b"x", key="k")])
+        await broker.nack(await broker.fetch("jobs", 1, timeout=0, lease=30.0))
+        [message] = await broker.fetch("jobs", 1, timeout=0, lease=30.0)
+        await broker.dead_letter(message, {"code": "boom", "error_id": "e1"})
+    assert rows(path, "SELECT count(*) FROM headrace_messages") == [(0,)]
+    [(stored_id, topic, body, key, attempt, error, at)] = rows(
+        path,
+        "SELECT message_id, topic, body, key, attempt, error, dead_lettered_at "
+        "FROM headrace_dead_letters",
+    )
+    assert (stored_id, topic, body, key, attempt, at) == (
+        message_id,
+        "jobs",
+        b"x",
+        "k",
+        2,
+        wall.now,
+    )
+    assert json.loads(error) == {"code": "boom", "error_id": "e1"}
+
+
+async def test_max_deliveries_record(tmp_path: Path) -> None:
+    """The broker's own dead-letter record names the delivery count and the cap."""
+    wall = FakeWallTime()
+    async with SqliteBroker(tmp_path / "jobs.db", time=wall, max_deliveries=1) as broker:
+        [message_id] = await broker.publish("jobs", numbered(1))
+        await broker.fetch("jobs", 1, timeout=0, lease=1.0)
+        wall.now += 1.0
+        assert await broker.fetch("jobs", 1, timeout=0, lease=1.0) == []
+        [letter] = await broker.dead_letters("jobs")
+    assert letter.message.id == message_id
+    assert letter.message.attempt == 1
+    assert letter.error["code"] == "max_deliveries_exceeded"
+    assert letter.error["context"] == {
+        "topic": "jobs",
+        "message_id": message_id,
+        "deliveries": 1,
+        "max_deliveries": 1,
+    }
+
+
+async def test_local_publish_wakes_a_waiting_fetch(tmp_path: Path, clock: Clock) -> None:
+    """A publish through another broker of this process wakes a fetch without polling."""
+    path = tmp_path / "jobs.db"
+    async with SqliteBroker(path, poll_interval=30.0) as consumer, SqliteBroker(path) as producer:
+        await consumer.fetch("jobs", 1, timeout=0, lease=1.0)  # create the schema first
+        start = clock.now()
+
+        async def publish_later() -> None:
+            await asyncio.sleep(1.0)
+            await producer.publish("jobs", numbered(1))
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(publish_later())
+            [message] = await consumer.fetch("jobs", 1, timeout=20.0, lease=1.0)
+        # Woken by the publish at 1.0, long before the next poll at 30.0.
+        assert 1.0 <= clock.now() - start < 5.0
+        await consumer.ack([message])
+
+
+async def test_cancelled_fetch_hands_its_claim_back(tmp_path: Path) -> None:
+    """A fetch cancelled while its claim runs hands the claimed messages back, no attempt lost."""
+    path = tmp_path / "jobs.db"
+    wall = FakeWallTime()
+    async with SqliteBroker(path, time=wall, poll_interval=0.01) as broker:
+        await broker.publish("jobs", numbered(3))
+        task = asyncio.create_task(broker.fetch("jobs", 3, timeout=0, lease=30.0))
+        await asyncio.sleep(0)  # the claim is now running on the broker's thread
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        got = []
+        while len(got) < 3:
+            got += await broker.fetch("jobs", 3, timeout=1.0, lease=30.0)
+        assert [m.body for m in got] == [b"0", b"1", b"2"]
+        assert {m.attempt for m in got} == {1}
+
+
+async def test_large_batches(tmp_path: Path) -> None:
+    """Publishing and acking 2,500 messages in one call (beyond one statement's limit) works."""
+    async with SqliteBroker(tmp_path / "jobs.db") as broker:
+        ids = await broker.publish("jobs", numbered(2500))
+        assert ids == [str(i) for i in range(1, 2501)]
+        got = await broker.fetch("jobs", 2500, timeout=0, lease=30.0)
+        assert [m.id for m in got] == ids
+        await broker.ack(got)
+        assert await broker.fetch("jobs", 1, timeout=0, lease=30.0) == []
+
+
+async def test_unclosed_broker_warns(tmp_path: Path) -> None:
+    """A connected broker dropped without close() emits a ResourceWarning."""
+    broker = SqliteBroker(tmp_path / "jobs.db")
+    await broker.connect()
+    # No reference cycles: the broker is finalised right at ``del``.
+    with pytest.warns(ResourceWarning, match="unclosed SqliteBroker"):
+        del broker
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A file written by a newer schema version is refused with a clear BrokerError."""
+    path = tmp_path / "jobs.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    broker = SqliteBroker(path)
+    with pytest.raises(BrokerError, match="schema version 99") as info:
+        await broker.connect()
+    assert info.value.code == "incompatible_schema"
+    await broker.close()
+
+
+def test_constructor_validates() -> None:
+    """Bad options are ConfigurationErrors naming the option."""
+    with pytest.raises(ConfigurationError, match="max_deliveries=0"):
+        SqliteBroker("x.db", max_deliveries=0)
+    with pytest.raises(ConfigurationError, match="synchronous='fast'"):
+        SqliteBroker("x.db", synchronous="fast")
+    with pytest.raises(ConfigurationError, match="poll_interval"):
+        SqliteBroker("x.db", poll_interval=0)
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///jobs.db", "jobs.db"),
+        ("sqlite:////var/lib/jobs.db", "/var/lib/jobs.db"),
+        ("sqlite:///data/my%20jobs.db?max_deliveries=10&lease=30", "data/my jobs.db"),
+    ],
+)
+def test_sqlite_urls(url: str, path: str) -> None:
+    """sqlite:///relative and sqlite:////absolute paths, with query options."""
+    broker = open_broker(url)
+    assert isinstance(broker, SqliteBroker)
+    assert broker.path == path
+    if "max_deliveries" in url:
+        assert broker.max_deliveries == 10
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///x.db?lease=soon"])
+def test_bad_sqlite_urls(url: str) -> None:
+    """A sqlite URL without a file, or with a malformed option, is a ConfigurationError."""
+    with pytest.raises(ConfigurationError) as info:
+        open_broker(url)
+    assert info.value.code == "invalid_broker_url"
