@@ -28,7 +28,7 @@ _T = TypeVar("_T")
 _U = TypeVar("_U")
 
 DEFAULT_CHUNK_SIZE = 64
-DEFAULT_BUFFER = 2
+DEFAULT_BUFFER = 4
 
 
 def _check_positive_int(value: object, what: str) -> int:

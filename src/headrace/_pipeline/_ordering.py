@@ -141,8 +141,10 @@ class FanOut:
                 self._fetching = False
             self.counters.items_in += len(chunk)
             items.extend(chunk)
-            # The fetcher takes one itself; wake up to one sleeper per other item.
-            _wake(self._waiters, len(chunk) - 1)
+            # The fetcher takes one item itself; wake one sleeper per other item plus
+            # one more, who becomes the next fetcher if the chunk runs out, so idle
+            # workers never sleep while input waits in the channel.
+            _wake(self._waiters, len(chunk))
 
     # -- workers -----------------------------------------------------------------
 

@@ -115,19 +115,21 @@ class PartialChunk:
     The stage arms :func:`_flush_soon` with ``call_soon`` before it awaits its
     function. The callback runs only when the stage's task yields to the loop: if that
     happens inside the function (it suspended), the partial chunk goes downstream now
-    instead of after the call. The stage swaps in a fresh list before it awaits
-    anything else, so the callback never sees a chunk that is being sent. One
-    ``call_soon`` per actual suspension, instead of per item, keeps the trivial case
-    (functions that never suspend) at the cost of a plain ``await``.
+    instead of after the call. Flushing sends a copy and clears ``buffer`` in place, so
+    the stage can keep ``buffer.append`` in a local. Before the stage awaits anything
+    else it flushes first, so the callback then finds nothing to send. One
+    ``call_soon`` per actual suspension, instead of work per item, keeps the trivial
+    case (functions that never suspend) at the cost of a plain ``await``.
     """
 
-    __slots__ = ("armed", "buffer", "counters", "output")
+    __slots__ = ("armed", "buffer", "counters", "live", "output")
 
     def __init__(self, output: Link, counters: StageCounters) -> None:
         self.output = output
         self.counters = counters
         self.buffer: list[Any] = []
         self.armed = False
+        self.live = True
 
     def arm(self) -> None:
         self.armed = True
@@ -137,21 +139,25 @@ class PartialChunk:
         """Send the partial chunk (the stage is about to wait for something else)."""
         buffer = self.buffer
         if buffer:
-            self.buffer = []
-            self.counters.items_out += len(buffer)
-            await emit(self.output, buffer)
+            chunk = buffer.copy()
+            buffer.clear()
+            self.counters.items_out += len(chunk)
+            await emit(self.output, chunk)
 
     def discard(self) -> None:
         """The stage is finished or torn down: nothing may be sent any more."""
-        self.buffer = []
+        self.live = False
+        self.buffer.clear()
 
 
 def _flush_soon(partial: PartialChunk) -> None:
     partial.armed = False
     buffer = partial.buffer
-    if buffer and emit_nowait(partial.output, buffer):
-        partial.counters.items_out += len(buffer)
-        partial.buffer = []
+    if buffer and partial.live:
+        chunk = buffer.copy()
+        if emit_nowait(partial.output, chunk):
+            partial.counters.items_out += len(chunk)
+            buffer.clear()
 
 
 async def run_source(
@@ -189,6 +195,7 @@ async def _pump_async(
 ) -> None:
     anext_ = iterator.__anext__
     partial = PartialChunk(output, counters)
+    buffer = partial.buffer
     try:
         while True:
             if not partial.armed:
@@ -197,7 +204,6 @@ async def _pump_async(
                 value = await anext_()
             except StopAsyncIteration:
                 break
-            buffer = partial.buffer
             buffer.append(value)
             if len(buffer) >= chunk_size:
                 await partial.flush()
@@ -223,6 +229,11 @@ async def run_single(
     now = clock.now
     handle = errors.handle
     partial = PartialChunk(output, counters)
+    buffer = partial.buffer
+    append = buffer.append
+    # map and filter emit at most one item per input, so checking the chunk size once
+    # per input chunk keeps output chunks under 2 * chunk_size; flat_map checks per item.
+    per_item_check = mode == FLAT
     try:
         while True:
             try:
@@ -237,31 +248,45 @@ async def run_single(
                 break
             counters.items_in += len(chunk)
             started = now()
-            for item in chunk:
-                try:
-                    if inline:
-                        result = fn(item)
+            if mode == MAP and not inline:
+                # The hot path, kept free of per-item branches.
+                for item in chunk:
+                    if not partial.armed:
+                        partial.arm()
+                    try:
+                        append(await fn(item))
+                    except Exception as exc:
+                        await handle(item, exc)
+            else:
+                for item in chunk:
+                    try:
+                        if inline:
+                            result = fn(item)
+                        else:
+                            if not partial.armed:
+                                partial.arm()
+                            result = await fn(item)
+                    except Exception as exc:
+                        await handle(item, exc)
+                        continue
+                    if mode == MAP:
+                        append(result)
+                    elif mode == FILTER:
+                        if result:
+                            append(item)
+                    elif isinstance(result, AsyncIterable):
+                        async for value in result:
+                            append(value)
                     else:
-                        if not partial.armed:
-                            partial.arm()
-                        result = await fn(item)
-                except Exception as exc:
-                    await handle(item, exc)
-                    continue
-                if mode == MAP:
-                    partial.buffer.append(result)
-                elif mode == FILTER:
-                    if result:
-                        partial.buffer.append(item)
-                elif isinstance(result, AsyncIterable):
-                    async for value in result:
-                        partial.buffer.append(value)
-                else:
-                    partial.buffer.extend(result)
-                if len(partial.buffer) >= chunk_size:
-                    waited = now()
-                    await partial.flush()
-                    started += now() - waited
+                        buffer.extend(result)
+                    if per_item_check and len(buffer) >= chunk_size:
+                        waited = now()
+                        await partial.flush()
+                        started += now() - waited
+            if len(buffer) >= chunk_size:
+                waited = now()
+                await partial.flush()
+                started += now() - waited
             counters.busy += now() - started
         await partial.flush()
     finally:
