@@ -73,8 +73,8 @@ class Worker:
     exponential backoff from ``retry_delay=1`` s up to 60 s between them (jittered);
     ``shutdown_timeout=10`` s for in-flight handlers to finish on SIGTERM; acks go out
     in batches of ``ack_batch=100`` or every ``ack_interval=0.05`` s, whichever first;
-    ``fetch_timeout=1`` s is how long one fetch long-polls an empty topic (and so the
-    longest a graceful stop waits for the fetch in progress).
+    ``fetch_timeout=1`` s is how long one fetch long-polls an empty topic (a stop
+    cancels the poll in progress: adapters' ``fetch`` is cancel-safe).
 
     Shutdown (SIGTERM, SIGINT, or :meth:`stop`), in this order: stop fetching and hand
     back every fetched-but-unstarted message at once (no attempt is counted where the
@@ -250,6 +250,18 @@ class Worker:
             return fn
 
         return register
+
+    def use_broker(self, broker: Broker | str) -> None:
+        """Replace the broker given at construction (``headrace worker --broker URL``).
+
+        Only before :meth:`run`; the same ownership rule applies (a URL is opened and
+        closed by the worker, a :class:`Broker` is yours).
+        """
+        if self._state is not _State.NEW:
+            raise ConfigurationError("Worker.use_broker() after run() started")
+        if not isinstance(broker, str | Broker):
+            raise ConfigurationError(f"Worker.use_broker({broker!r}) needs a Broker or a URL")
+        self._broker_arg = broker
 
     @property
     def topics(self) -> list[str]:
@@ -439,14 +451,19 @@ class Worker:
         for route in routes:
             route.stop()
         await self._hand_back(broker, [m for route in routes for m in route.take_buffer()])
-        # 2. In-flight handlers get shutdown_timeout seconds; the fetch in progress ends
-        #    by its own timeout (cancelling it could strand messages it already leased).
+        #    The fetch in progress (a long poll) is cancelled: the Broker contract makes
+        #    fetch cancel-safe (a claim that lands after the cancel is handed back by
+        #    the adapter), and between its return and the buffer there is no await.
+        for task in fetchers:
+            task.cancel()
+        await asyncio.gather(*fetchers, return_exceptions=True)
+        await self._hand_back(broker, [m for route in routes for m in route.take_buffer()])
+        # 2. In-flight handlers get shutdown_timeout seconds, then are cancelled.
         deadline_at = self._clock.now() + self.shutdown_timeout
         await self._wait(slots, until=deadline_at, force=force)
-        await self._wait(fetchers, until=math.inf, force=force)
-        for task in (*slots, *fetchers):
+        for task in slots:
             task.cancel()
-        await asyncio.gather(*slots, *fetchers, return_exceptions=True)
+        await asyncio.gather(*slots, return_exceptions=True)
         # 3. Ack everything handled (the ackers flush their whole backlog, then exit).
         for route in routes:
             route.stop_acker()

@@ -148,7 +148,6 @@ class Route:
         self.last_activity = clock.now()
         # When the latest retry this worker scheduled comes due: not idle before then.
         self.retry_due = -math.inf
-        self.fetch_empty = False
         self._idle_slots: deque[asyncio.Future[Message | None]] = deque()
         self._space = asyncio.Event()
         self._ack_ready = asyncio.Event()
@@ -163,7 +162,7 @@ class Route:
 
     def idle_for(self, now: float) -> float:
         """Seconds this route has had nothing to do (0 while busy or a retry is due)."""
-        if not self.fetch_empty or self.held or self.to_ack:
+        if self.held or self.to_ack:
             return 0.0
         return max(0.0, now - max(self.last_activity, self.retry_due))
 
@@ -213,9 +212,7 @@ class Route:
                 continue
             failures = 0
             if not messages:
-                self.fetch_empty = True
                 continue
-            self.fetch_empty = False
             now = self.clock.now()
             self.last_activity = now
             until = now + self.lease
@@ -379,7 +376,7 @@ class Route:
             )
             await self._dead_letter(message, error, reason=reason)
             return
-        logger.warning(
+        logger.info(
             "handler %s failed on message %s (attempt %d, error_id %s): %s; retry in %.3g s",
             spec.name,
             message.id,
@@ -402,7 +399,7 @@ class Route:
         record["handler"] = self.spec.name
         record["message_id"] = message.id
         record["attempt"] = message.attempt
-        logger.error(
+        logger.warning(
             "dead-lettering message %s of %r (%s, attempt %d, error_id %s): %s",
             message.id,
             self.spec.topic,

@@ -1,0 +1,231 @@
+"""The ``headrace`` command: run a worker, publish messages, inspect the dead-letter queue.
+
+::
+
+    headrace worker examples/worker_app.py:worker --broker sqlite:///jobs.db
+    headrace worker myapp.tasks:worker --exit-when-idle 5
+    headrace publish orders '{"id": 1}' '{"id": 2}' --broker sqlite:///jobs.db
+    echo '{"id": 3}' | headrace publish orders --stdin
+    headrace dlq list orders --limit 20 [--json]
+    headrace dlq replay orders [--id 17 --id 18]
+
+The broker URL comes from ``--broker`` or the ``HEADRACE_BROKER_URL`` environment
+variable. Exit status: 0 on success and on a clean stop by signal, 1 when an operation
+failed, 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._errors import ConfigurationError, HeadraceError, redact
+
+__all__ = ["load_worker", "main"]
+
+
+def _broker_url(arguments: argparse.Namespace, *, required: bool = True) -> str | None:
+    url: str | None = arguments.broker or os.environ.get("HEADRACE_BROKER_URL")
+    if url is None and required:
+        raise ConfigurationError(
+            "no broker: pass --broker URL (e.g. sqlite:///jobs.db) or set HEADRACE_BROKER_URL"
+        )
+    return url
+
+
+def load_worker(target: str) -> Any:
+    """Import ``module.path:attribute`` or ``path/to/file.py:attribute`` (default
+    attribute ``worker``); call it if it is a factory rather than a worker."""
+    from .messaging._worker import Worker
+
+    location, _, attribute = target.partition(":")
+    attribute = attribute or "worker"
+    if location.endswith(".py") or os.sep in location:
+        path = Path(location).resolve()
+        if not path.is_file():
+            raise ConfigurationError(f"worker target {target!r}: no file {str(path)!r}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise ConfigurationError(f"worker target {target!r}: cannot import {str(path)!r}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(location)
+    try:
+        found = getattr(module, attribute)
+    except AttributeError:
+        raise ConfigurationError(
+            f"worker target {target!r}: module {module.__name__!r} has no {attribute!r}"
+        ) from None
+    if not isinstance(found, Worker) and callable(found):
+        found = found()
+    if not isinstance(found, Worker):
+        raise ConfigurationError(
+            f"worker target {target!r} is a {type(found).__name__}, not a headrace Worker"
+        )
+    return found
+
+
+async def _run_worker(arguments: argparse.Namespace) -> int:
+    from .messaging._worker._progress import Progress
+
+    worker = load_worker(arguments.target)
+    url = _broker_url(arguments, required=False)
+    if url is not None:
+        worker.use_broker(url)
+    if arguments.shutdown_timeout is not None:
+        worker.shutdown_timeout = arguments.shutdown_timeout
+    if arguments.no_progress:
+        await worker.run(exit_when_idle=arguments.exit_when_idle)
+        return 0
+    live = None if not arguments.plain else False
+    async with Progress(worker, live=live, interval=arguments.progress_interval):
+        await worker.run(exit_when_idle=arguments.exit_when_idle)
+    return 0
+
+
+async def _publish(arguments: argparse.Namespace) -> int:
+    from .messaging._producer import Producer
+
+    url = _broker_url(arguments)
+    assert url is not None
+    headers = {}
+    for item in arguments.header or []:
+        name, separator, value = item.partition("=")
+        if not separator:
+            raise ConfigurationError(f"--header {item!r} must be name=value")
+        headers[name] = value
+    bodies: list[str] = list(arguments.body or [])
+    if arguments.stdin:
+        bodies.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
+    if not bodies:
+        raise ConfigurationError("nothing to publish: give BODY arguments or --stdin")
+    producer = Producer(url)
+    try:
+        for _ in range(arguments.repeat):
+            for body in bodies:
+                await producer.publish(arguments.topic, body, key=arguments.key, headers=headers)
+    finally:
+        report = await producer.close(raise_on_failure=False)
+    print(f"published {report.confirmed} message(s) to {arguments.topic!r}", file=sys.stderr)
+    for failure in report.failures:
+        print(f"failed: {failure.error}", file=sys.stderr)
+    return 1 if report.failures else 0
+
+
+async def _dlq(arguments: argparse.Namespace) -> int:
+    import msgspec
+
+    from .messaging._url import open_broker
+
+    url = _broker_url(arguments)
+    assert url is not None
+    broker = open_broker(url)
+    await broker.connect()
+    try:
+        if arguments.dlq_command == "list":
+            letters = await broker.dead_letters(arguments.topic, limit=arguments.limit)
+            for letter in letters:
+                error = letter.error
+                if arguments.json:
+                    record = {
+                        "id": letter.message.id,
+                        "topic": letter.message.topic,
+                        "attempt": letter.message.attempt,
+                        "key": letter.message.key,
+                        "body": letter.message.body.decode("utf-8", "backslashreplace"),
+                        "dead_lettered_at": letter.dead_lettered_at,
+                        "error": dict(error),
+                    }
+                    print(msgspec.json.encode(record).decode())
+                else:
+                    print(
+                        f"{letter.message.id}\tattempt {letter.message.attempt}\t"
+                        f"{error.get('code')}\t{error.get('error_id')}\t"
+                        f"{str(error.get('message', ''))[:120]}"
+                    )
+            print(f"{len(letters)} dead letter(s) in {arguments.topic!r}", file=sys.stderr)
+        else:
+            count = await broker.replay_dead_letters(arguments.topic, arguments.id or None)
+            print(f"replayed {count} dead letter(s) to {arguments.topic!r}", file=sys.stderr)
+    finally:
+        await broker.close()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headrace", description="Run message workers and inspect their queues."
+    )
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    worker = commands.add_parser("worker", help="run a Worker until SIGINT/SIGTERM")
+    worker.add_argument("target", help="module:attribute or path/to/file.py:attribute")
+    worker.add_argument("--broker", help="broker URL (overrides the worker's own)")
+    worker.add_argument(
+        "--exit-when-idle",
+        type=float,
+        metavar="SECONDS",
+        help="stop once the queues were empty and nothing was in flight this long",
+    )
+    worker.add_argument("--shutdown-timeout", type=float, metavar="SECONDS")
+    worker.add_argument("--no-progress", action="store_true", help="no progress output")
+    worker.add_argument("--plain", action="store_true", help="log lines, not a live display")
+    worker.add_argument("--progress-interval", type=float, metavar="SECONDS")
+
+    publish = commands.add_parser("publish", help="publish messages")
+    publish.add_argument("topic")
+    publish.add_argument("body", nargs="*", help="message bodies (text)")
+    publish.add_argument("--stdin", action="store_true", help="one body per line of stdin")
+    publish.add_argument("--key")
+    publish.add_argument("--header", action="append", metavar="NAME=VALUE")
+    publish.add_argument("--repeat", type=int, default=1, help="publish the bodies N times")
+    publish.add_argument("--broker")
+
+    dlq = commands.add_parser("dlq", help="inspect or replay dead letters")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    listing = dlq_commands.add_parser("list", help="show the newest dead letters")
+    listing.add_argument("topic")
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.add_argument("--broker")
+    replay = dlq_commands.add_parser("replay", help="publish dead letters again")
+    replay.add_argument("topic")
+    replay.add_argument("--id", action="append", help="only these message ids")
+    replay.add_argument("--broker")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``headrace`` command; returns the exit status."""
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(
+        level=arguments.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    runner = {"worker": _run_worker, "publish": _publish, "dlq": _dlq}[arguments.command]
+    try:
+        return asyncio.run(runner(arguments))
+    except HeadraceError as error:
+        print(f"headrace: error: {redact(error.message)} [{error.code}]", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # A Ctrl-C outside the worker's own signal handling (e.g. while publishing).
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
