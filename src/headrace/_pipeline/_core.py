@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar, overload
 from .._clock import Clock, default_clock
 from .._errors import ConfigurationError, EndOfChannel, WouldBlock
 from .._retry import Retry
-from ._executors import Executor
+from ._executors import Executor, resolve_executor
 from ._graph import MergeNode, Node, SourceNode, StageNode, StageSpec, TeeBranch, TeeNode
 from ._runtime import Run
 from ._stats import FailedItem, OnError, PipelineStatistics
@@ -164,10 +164,7 @@ class Pipeline(Generic[_T]):
             on_error=_check_policy(on_error, where),
             executor=executor,
         )
-        if executor == "process":
-            from ._executors import check_picklable
-
-            check_picklable(fn, where)
+        resolve_executor(fn, executor, where)  # refuse mismatches now, not at run time
         return self._derive(StageNode(self._node, spec))
 
     # -- stages ------------------------------------------------------------------
