@@ -39,6 +39,13 @@ from ._errors import WouldBlock as WouldBlock
 from ._errors import error_boundary as error_boundary
 from ._errors import redact as redact
 from ._errors import translate_errors as translate_errors
+from ._ratelimit import KeyedLimiter as KeyedLimiter
+from ._ratelimit import MultiLimiter as MultiLimiter
+from ._ratelimit import RateLimiterStatistics as RateLimiterStatistics
+from ._ratelimit import Reservation as Reservation
+from ._ratelimit import TokenBucket as TokenBucket
+from ._ratelimit_redis import RedisMultiLimiter as RedisMultiLimiter
+from ._ratelimit_redis import RedisTokenBucket as RedisTokenBucket
 from ._retry import Retry as Retry
 from ._retry import RetryBudget as RetryBudget
 
@@ -64,13 +71,20 @@ __all__ = [
     "HttpTransportError",
     "InternalError",
     "InvalidMessage",
+    "KeyedLimiter",
     "MessagingError",
     "MonotonicClock",
+    "MultiLimiter",
     "PublishError",
     "RateLimitExceeded",
+    "RateLimiterStatistics",
+    "RedisMultiLimiter",
+    "RedisTokenBucket",
+    "Reservation",
     "Retry",
     "RetryBudget",
     "SupervisorError",
+    "TokenBucket",
     "WouldBlock",
     "current_cancel_token",
     "deadline",
