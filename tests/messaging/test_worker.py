@@ -441,3 +441,26 @@ async def test_worker_opens_and_closes_a_broker_url(clock: Clock) -> None:
     await worker.run(exit_when_idle=1.0, handle_signals=False)
     assert sorted(got) == [b"a", b"b"]
     assert await remaining(shared, "jobs") == []
+
+
+async def test_never_fetches_more_than_the_free_slots(clock: Clock) -> None:
+    """With every slot busy, nothing more is fetched (a message handed to a slot that
+    has not resumed yet still counts as taken)."""
+    broker = SpyBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [b"x"] * 100)
+    worker = Worker(broker, clock=clock, shutdown_timeout=0)
+
+    @worker.handler("jobs", concurrency=4, prefetch=1)
+    async def handle(message: Message) -> None:
+        await asyncio.sleep(100)
+
+    async def stop_later() -> None:
+        await clock.sleep(5.0)
+        worker.stop()
+
+    stopper = asyncio.create_task(stop_later())
+    stats = await worker.run(handle_signals=False)
+    await stopper
+    assert stats.fetched == 5
+    assert broker.fetch_sizes == [5]
+    assert stats.handed_back == 5

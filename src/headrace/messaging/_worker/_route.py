@@ -246,7 +246,11 @@ class Route:
         while self.buffer and self._idle_slots:
             waiter = self._idle_slots.popleft()
             if not waiter.done():
-                waiter.set_result(self.buffer.popleft())
+                # In flight from the hand-off on, not from when the slot resumes: the
+                # fetch loop must not count a message in transit as free capacity.
+                message = self.buffer.popleft()
+                self.in_flight[id(message)] = message
+                waiter.set_result(message)
 
     def take_buffer(self) -> list[Message]:
         """Remove and return every fetched-but-unstarted message (for a hand-back)."""
@@ -271,7 +275,9 @@ class Route:
         if self.stopping:
             return None
         if self.buffer:
-            return self.buffer.popleft()
+            message = self.buffer.popleft()
+            self.in_flight[id(message)] = message
+            return message
         waiter: asyncio.Future[Message | None] = asyncio.get_running_loop().create_future()
         self._idle_slots.append(waiter)
         try:
@@ -281,6 +287,7 @@ class Route:
             if waiter.done() and not waiter.cancelled():
                 message = waiter.result()
                 if message is not None:
+                    self.in_flight.pop(id(message), None)
                     self.buffer.appendleft(message)
             raise
 
@@ -290,7 +297,6 @@ class Route:
             message = await self._next()
             if message is None:
                 return
-            self.in_flight[id(message)] = message
             try:
                 await self._process(message)
             except asyncio.CancelledError:
