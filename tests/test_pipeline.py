@@ -465,11 +465,60 @@ async def test_break_in_stream_closes_source_generator() -> None:
     assert closed
 
 
-async def test_bare_async_for_break_closes_with_aclosing() -> None:
-    """async for over the pipeline itself is an async generator: aclose() tears down."""
+async def test_bare_async_for_break_cancels_stages() -> None:
+    """break out of a bare async for: the dropped iterator cancels every stage, which
+    finish within a couple of loop turns (the leak check counts after three)."""
+    closed = False
+
+    async def endless() -> AsyncIterator[int]:
+        nonlocal closed
+        try:
+            while True:
+                await asyncio.sleep(0.1)
+                yield 1
+        finally:
+            closed = True
+
+    async for item in Pipeline(endless()).map(double, workers=3):
+        if item:
+            break
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert closed
+
+
+async def test_iterator_aclose_awaits_teardown() -> None:
+    """aclose() on the iterator cancels and awaits every stage; further next() ends."""
     iterator = aiter(Pipeline(agen(1000, 0.1)).map(double))
     assert await anext(iterator) == 0
-    await iterator.aclose()  # type: ignore[attr-defined]
+    await iterator.aclose()
+    assert len(asyncio.all_tasks()) == 1
+    with pytest.raises(StopAsyncIteration):
+        await anext(iterator)
+
+
+async def test_cancel_while_iterating_awaits_teardown(clock: Clock) -> None:
+    """A consumer cancelled inside async for has every stage awaited before it ends."""
+    finalized: list[float] = []
+
+    async def slow(x: int) -> int:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            finalized.append(clock.now())
+        return x
+
+    async def consume() -> None:
+        async for _ in Pipeline(range(5)).map(slow, workers=2):
+            pass
+
+    task = asyncio.ensure_future(consume())
+    await asyncio.sleep(1.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert finalized == [1.0, 1.0]
+    assert len(asyncio.all_tasks()) == 1
 
 
 async def test_exception_in_consumer_body_tears_down() -> None:

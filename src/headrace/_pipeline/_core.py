@@ -419,8 +419,73 @@ class Pipeline(Generic[_T]):
         """:meth:`run` for synchronous programs: a new event loop, run to the end."""
         return asyncio.run(self.run(progress=progress, total=total))
 
-    async def _iterate(self) -> AsyncIterator[_T]:
-        run = self._start()
+    def __aiter__(self) -> PipelineIterator[_T]:
+        """Iterate the items that reach the end (``async for item in pipeline``).
+
+        Cancellation while waiting for an item cancels and awaits every stage. Leaving
+        the loop early (``break``, an exception in the body) cannot be awaited by an
+        iterator: the stages are cancelled when the iterator is dropped (at once in
+        CPython) and finish on the next turns of the loop. Use :meth:`stream` when
+        the stages must be gone before the next line runs.
+        """
+        return PipelineIterator(self._start())
+
+    @contextlib.asynccontextmanager
+    async def stream(self) -> AsyncIterator[PipelineIterator[_T]]:
+        """``async with pipeline.stream() as items: async for item in items: ...``
+
+        On leaving the block (normally, by ``break``, by an exception or by
+        cancellation) every stage has been cancelled and awaited.
+        """
+        iterator: PipelineIterator[_T] = PipelineIterator(self._start())
+        try:
+            yield iterator
+        finally:
+            await iterator.aclose()
+
+    def statistics(self) -> PipelineStatistics:
+        """Per-stage statistics of the current or latest run of this object."""
+        if self._last_run is None:
+            return PipelineStatistics(
+                stages=(), items_out=0, elapsed=0.0, running=False, failures=()
+            )
+        return self._last_run.statistics()
+
+    def __repr__(self) -> str:
+        return f"Pipeline(chunk_size={self._chunk_size}, buffer={self._buffer})"
+
+
+class PipelineIterator(Generic[_T]):
+    """The async iterator over a running pipeline's output (see ``Pipeline.__aiter__``).
+
+    Hands out the items of the current chunk without touching the channel; fetches
+    the next chunk only when it runs out. Owns the run: :meth:`aclose` cancels and
+    awaits every stage; dropping an unclosed iterator cancels them without waiting.
+    """
+
+    __slots__ = ("_chunk", "_closed", "_position", "_run")
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        self._chunk: list[Any] = []
+        self._position = 0
+        self._closed = False
+
+    def __aiter__(self) -> PipelineIterator[_T]:
+        return self
+
+    async def __anext__(self) -> _T:
+        position = self._position
+        chunk = self._chunk
+        if position < len(chunk):
+            self._position = position + 1
+            return chunk[position]  # type: ignore[no-any-return]
+        return await self._next_chunk()
+
+    async def _next_chunk(self) -> _T:
+        run = self._run
+        if self._closed:
+            raise StopAsyncIteration
         channel = run.output.channel
         try:
             while True:
@@ -435,48 +500,30 @@ class Pipeline(Generic[_T]):
                     break
                 if run.error is not None:
                     break
-                run.items_out += len(chunk)
-                for item in chunk:
-                    yield item
+                if chunk:
+                    run.items_out += len(chunk)
+                    self._chunk = chunk
+                    self._position = 1
+                    return chunk[0]  # type: ignore[no-any-return]
             if run.error is None:
                 await run.wait()
-        finally:
-            await run.aclose()
+        except BaseException:
+            await self.aclose()
+            raise
+        await self.aclose()
         if run.error is not None:
             raise run.error
+        raise StopAsyncIteration
 
-    def __aiter__(self) -> AsyncIterator[_T]:
-        """Iterate the items that reach the end (``async for item in pipeline``).
+    async def aclose(self) -> None:
+        """Cancel and await every stage (idempotent)."""
+        self._closed = True
+        self._chunk = []
+        await self._run.aclose()
 
-        Leaving the loop early (``break``, an exception) stops the pipeline when the
-        iterator is closed; wrap it in :meth:`stream` to have that happen at once
-        rather than when the garbage collector gets to it.
-        """
-        return self._iterate()
-
-    @contextlib.asynccontextmanager
-    async def stream(self) -> AsyncIterator[AsyncIterator[_T]]:
-        """``async with pipeline.stream() as items: async for item in items: ...``
-
-        On leaving the block (normally, by ``break``, by an exception or by
-        cancellation) every stage has been cancelled and awaited.
-        """
-        iterator = self._iterate()
-        try:
-            yield iterator
-        finally:
-            await iterator.aclose()  # type: ignore[attr-defined]
-
-    def statistics(self) -> PipelineStatistics:
-        """Per-stage statistics of the current or latest run of this object."""
-        if self._last_run is None:
-            return PipelineStatistics(
-                stages=(), items_out=0, elapsed=0.0, running=False, failures=()
-            )
-        return self._last_run.statistics()
-
-    def __repr__(self) -> str:
-        return f"Pipeline(chunk_size={self._chunk_size}, buffer={self._buffer})"
+    def __del__(self) -> None:
+        if not self._closed:
+            self._run.abandon()
 
 
 def _discard(chunk: list[Any]) -> None:

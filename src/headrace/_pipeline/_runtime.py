@@ -281,6 +281,19 @@ class Run:
         if cancelled:
             raise asyncio.CancelledError
 
+    def abandon(self) -> None:
+        """Cancel every stage without waiting (the consumer dropped its iterator)."""
+        if self.ended is None:
+            self.ended = self.clock.now()
+        try:
+            for task in self._tasks:
+                task.cancel()
+        except RuntimeError:  # the loop is already closed; its tasks are gone with it
+            return
+        for call in self._calls:
+            if call.pool is not None:
+                call.pool.shutdown(wait=False, cancel_futures=True)
+
     def statistics(self) -> PipelineStatistics:
         end = self.ended if self.ended is not None else self.clock.now()
         return PipelineStatistics(
