@@ -285,10 +285,10 @@ class Route:
         except asyncio.CancelledError:
             # A message handed to us in the same instant must not vanish with the slot.
             if waiter.done() and not waiter.cancelled():
-                message = waiter.result()
-                if message is not None:
-                    self.in_flight.pop(id(message), None)
-                    self.buffer.appendleft(message)
+                handed = waiter.result()
+                if handed is not None:
+                    self.in_flight.pop(id(handed), None)
+                    self.buffer.appendleft(handed)
             raise
 
     async def slot(self) -> None:
