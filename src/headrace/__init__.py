@@ -39,6 +39,13 @@ from ._errors import WouldBlock as WouldBlock
 from ._errors import error_boundary as error_boundary
 from ._errors import redact as redact
 from ._errors import translate_errors as translate_errors
+from ._pipeline import FailedItem as FailedItem
+from ._pipeline import OnError as OnError
+from ._pipeline import Pipeline as Pipeline
+from ._pipeline import PipelineError as PipelineError
+from ._pipeline import PipelineStatistics as PipelineStatistics
+from ._pipeline import StageStatistics as StageStatistics
+from ._pipeline import merge as merge
 from ._ratelimit import KeyedLimiter as KeyedLimiter
 from ._ratelimit import MultiLimiter as MultiLimiter
 from ._ratelimit import RateLimiterStatistics as RateLimiterStatistics
@@ -65,6 +72,7 @@ __all__ = [
     "DeadlineExceeded",
     "DeadlineScope",
     "EndOfChannel",
+    "FailedItem",
     "HeadraceError",
     "HttpError",
     "HttpStatusError",
@@ -75,6 +83,10 @@ __all__ = [
     "MessagingError",
     "MonotonicClock",
     "MultiLimiter",
+    "OnError",
+    "Pipeline",
+    "PipelineError",
+    "PipelineStatistics",
     "PublishError",
     "RateLimitExceeded",
     "RateLimiterStatistics",
@@ -83,6 +95,7 @@ __all__ = [
     "Reservation",
     "Retry",
     "RetryBudget",
+    "StageStatistics",
     "SupervisorError",
     "TokenBucket",
     "WouldBlock",
@@ -90,6 +103,7 @@ __all__ = [
     "deadline",
     "default_clock",
     "error_boundary",
+    "merge",
     "redact",
     "run_in_thread",
     "shielded",

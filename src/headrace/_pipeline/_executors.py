@@ -18,7 +18,6 @@ import asyncio
 import concurrent.futures
 import functools
 import inspect
-import multiprocessing
 import pickle
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -170,6 +169,8 @@ def make_call(
     else:
         # spawn, not fork: forking a process that runs threads (ours, the user's, the
         # loop's executor) can deadlock the child, and Python 3.12 warns about it.
+        import multiprocessing  # only process stages pay for importing it
+
         process_pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn")
         )
