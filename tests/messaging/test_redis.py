@@ -104,7 +104,7 @@ async def test_another_consumer_reclaims_an_expired_lease(
         assert (entry["consumer"], entry["times_delivered"]) == (b"b", 2)
         await b.ack([second])
         assert pending(admin, a.stream_key("jobs")) == []
-        assert admin.xlen(a.stream_key("jobs")) == 0
+        assert await a.fetch("jobs", 1, timeout=0.3, lease=30.0) == []
 
 
 async def test_delivery_cap_dead_letters_with_an_error_record(
@@ -193,6 +193,28 @@ async def test_hand_back_wakes_a_waiting_consumer_in_order_without_an_attempt(
             b"staying"
         ] * 3
         await staying.ack(got)
+
+
+async def test_acked_entries_are_trimmed_up_to_the_oldest_pending(
+    redis_url: str, prefix: str, admin: redis.Redis
+) -> None:
+    """The fetch's housekeeping trims acked entries, never one still pending or unread."""
+    async with RedisBroker(redis_url, prefix=prefix, reclaim_interval=0.05) as broker:
+        stream = broker.stream_key("jobs")
+        ids = await broker.publish("jobs", numbered(250))
+        got = await broker.fetch("jobs", 200, timeout=1.0, lease=30.0)
+        assert [m.id for m in got] == ids[:200]
+        await broker.ack(got[:150] + got[151:])
+        await asyncio.sleep(0.1)
+        rest = await broker.fetch("jobs", 100, timeout=1.0, lease=30.0)
+        assert [m.id for m in rest] == ids[200:]
+        # 150 is still pending: it and everything after it stay.
+        assert admin.xlen(stream) == 100
+        assert admin.xrange(stream, count=1)[0][0].decode() == ids[150]
+        await broker.ack([got[150], *rest])
+        await asyncio.sleep(0.1)
+        assert await broker.fetch("jobs", 1, timeout=0, lease=30.0) == []
+        assert admin.xlen(stream) == 0
 
 
 async def test_nack_without_delay_keeps_the_place_in_the_stream(

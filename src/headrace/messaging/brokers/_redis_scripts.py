@@ -92,7 +92,7 @@ end
 
 # KEYS: stream, delayed, returned, signal
 # ARGV: group, consumer, count, own_cursor ('' when done), reclaim ('1'/'0'),
-#       horizon_ms, claim_cursor, promote_limit, lease_ms
+#       horizon_ms, claim_cursor, promote_limit, lease_ms, trim ('1'/'0')
 # Returns {own_cursor, claim_cursor, due_in_ms (-1: none), last_delivered_id,
 #          signal_last_id, then per entry: id, deliveries, fields}.
 FETCH = (
@@ -106,6 +106,18 @@ local horizon, lease = tonumber(ARGV[6]), tonumber(ARGV[9])
 local out = {own_cursor, ARGV[7], -1, '', '0-0'}
 local ids = {}
 local now = now_ms()
+
+local function last_delivered()
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local name, last
+    for j = 1, #g, 2 do
+      if g[j] == 'name' then name = g[j + 1] end
+      if g[j] == 'last-delivered-id' then last = g[j + 1] end
+    end
+    if name == group then return last end
+  end
+  return '0-0'
+end
 
 local function add(id, count, fields)
   out[#out + 1] = id
@@ -175,20 +187,26 @@ if #ids < want then
   end
 end
 
+-- 6. Acked entries leave the stream: everything below the oldest entry that is still
+-- pending, or not yet delivered, is acked (one group per stream). Trimming frees whole
+-- stream nodes, far cheaper than an XDEL per ack.
+if ARGV[10] == '1' then
+  local floor = redis.call('XPENDING', stream, group)[2]
+  if not floor then
+    local last = last_delivered()
+    local dash = string.find(last, '-', 1, true)
+    floor = string.sub(last, 1, dash) .. (tonumber(string.sub(last, dash + 1)) + 1)
+  end
+  redis.call('XTRIM', stream, 'MINID', floor)
+end
+
 if #ids > 0 then
   set_leases(stream, group, consumer, ids, now, lease, horizon)
 else
   -- Nothing to deliver: tell the caller what to wait for.
   local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
   if first[2] then out[3] = math.max(0, tonumber(first[2]) - now) end
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-    local name, last
-    for j = 1, #g, 2 do
-      if g[j] == 'name' then name = g[j + 1] end
-      if g[j] == 'last-delivered-id' then last = g[j + 1] end
-    end
-    if name == group then out[4] = last end
-  end
+  out[4] = last_delivered()
   local s = redis.call('XREVRANGE', signal, '+', '-', 'COUNT', 1)
   if s[1] then out[5] = s[1][1] end
 end

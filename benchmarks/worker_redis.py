@@ -1,0 +1,232 @@
+"""B3 (adapter part): consuming a Redis stream with a no-op handler, messages per second.
+
+Every variant consumes a pre-filled stream of its own (filling is not timed) through a
+consumer group and acks everything:
+
+* ``hand-written``: redis-py ``XREADGROUP COUNT 100 BLOCK`` + one ``XACK`` of the batch;
+  the floor a careful engineer writes with nothing but the driver.
+* ``headrace fetch+ack``: ``RedisBroker.fetch(topic, 100, lease=30)`` + ``ack(batch)``
+  with the defaults: each fetch is one script that also promotes due delayed retries,
+  re-delivers hand-backs and, every 0.25 s, reclaims expired leases and trims acked
+  entries off the stream; ack is one ``XACK``.
+* ``headrace trim_acked=False``: the same without trimming acked entries off the stream.
+* ``FastStream``: a FastStream Redis stream subscriber (``StreamSub`` with group and
+  consumer, otherwise defaults) with a no-op handler; its logger is switched off, which
+  only helps it. It is slow, so it consumes ``--faststream-messages`` (its rate is what
+  counts).
+
+The variants run interleaved (A B C D, A B C D, ...) ``--rounds`` times (at least 5);
+the table shows median rates and the medians of the per-round ratios. The full
+``Worker`` on Redis is measured by the worker benchmark. Goal (B3, for the Worker):
+>= 0.9x hand-written, >= 8x FastStream.
+
+    python benchmarks/worker_redis.py [--messages 50000] [--rounds 5] [--quick]
+        [--url redis://127.0.0.1:6379/15]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This directory holds benchmarks/http.py, which would shadow the stdlib's http package
+# (FastStream imports http.server); drop it from the import path first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import redis.asyncio as aioredis  # noqa: E402
+
+from headrace.messaging.brokers.redis import RedisBroker  # noqa: E402
+
+GROUP = "bench"
+BATCH = 100
+BODY = b'{"order": 12345, "sku": "A-1"}'
+
+
+def stream_name(prefix: str, variant: str, round_: int) -> str:
+    return f"{prefix}{variant}-{round_}"
+
+
+async def fill(client: aioredis.Redis, key: str, fields: dict[bytes, bytes], count: int) -> None:
+    """Add ``count`` copies of ``fields`` to the stream ``key`` (pipelined, untimed)."""
+    await client.delete(key)
+    for start in range(0, count, 2000):
+        pipe = client.pipeline(transaction=False)
+        for _ in range(min(2000, count - start)):
+            pipe.xadd(key, fields)  # type: ignore[arg-type]
+        await pipe.execute()
+    await client.xgroup_create(key, GROUP, id="0")
+
+
+async def hand_written(url: str, key: str, count: int) -> float:
+    client = aioredis.from_url(url)
+    await fill(client, key, {b"b": BODY}, count)
+    handled = 0
+    started = time.perf_counter()
+    while handled < count:
+        reply = await client.xreadgroup(GROUP, "c1", {key: ">"}, count=BATCH, block=1000)
+        for _stream, entries in reply:
+            ids = [entry_id for entry_id, _fields in entries]
+            handled += len(ids)  # the no-op handler
+            await client.xack(key, GROUP, *ids)
+    elapsed = time.perf_counter() - started
+    await client.delete(key)
+    await client.aclose()
+    return count / elapsed
+
+
+async def headrace_loop(url: str, key: str, count: int, **options: Any) -> float:
+    client = aioredis.from_url(url)
+    await fill(client, key, {b"b": BODY}, count)
+    await client.aclose()
+    handled = 0
+    async with RedisBroker(url, prefix="", group=GROUP, **options) as broker:
+        started = time.perf_counter()
+        while handled < count:
+            batch = await broker.fetch(key, BATCH, timeout=1.0, lease=30.0)
+            handled += len(batch)  # the no-op handler
+            await broker.ack(batch)
+        elapsed = time.perf_counter() - started
+        assert handled == count, handled
+    client = aioredis.from_url(url)
+    await client.delete(key)
+    await client.aclose()
+    return count / elapsed
+
+
+async def headrace_default(url: str, key: str, count: int) -> float:
+    return await headrace_loop(url, key, count)
+
+
+async def headrace_keep(url: str, key: str, count: int) -> float:
+    return await headrace_loop(url, key, count, trim_acked=False)
+
+
+async def faststream(url: str, key: str, count: int) -> float:
+    from faststream.redis import RedisBroker as FastStreamBroker
+    from faststream.redis import StreamSub
+
+    client = aioredis.from_url(url)
+    # One message in FastStream's own wire format, copied: its parser sees real messages.
+    await client.delete(key)
+    async with FastStreamBroker(url, logger=None) as publisher:
+        await publisher.publish(BODY, stream=key)
+    [(_id, fields)] = await client.xrange(key)
+    await fill(client, key, fields, count)
+    broker = FastStreamBroker(url, logger=None)
+    handled = 0
+    done = asyncio.Event()
+
+    @broker.subscriber(stream=StreamSub(key, group=GROUP, consumer="c1"))
+    async def handle(message: Any) -> None:
+        nonlocal handled
+        handled += 1
+        if handled == count:
+            done.set()
+
+    started = time.perf_counter()
+    await broker.start()
+    try:
+        await asyncio.wait_for(done.wait(), timeout=600)
+        elapsed = time.perf_counter() - started
+    finally:
+        await broker.stop()
+    pending = await client.xpending(key, GROUP)
+    await client.delete(key)
+    await client.aclose()
+    assert pending["pending"] == 0, pending
+    return count / elapsed
+
+
+Variant = Callable[[str, str, int], Awaitable[float]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--faststream-messages", type=int, default=5_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--url", default="redis://127.0.0.1:6379/15")
+    parser.add_argument("--no-faststream", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="10k messages (FastStream 2k)")
+    args = parser.parse_args()
+    if args.quick:
+        args.messages, args.faststream_messages = 10_000, 2_000
+    rounds = max(args.rounds, 5)
+    prefix = f"bench-worker-redis-{os.getpid()}:"
+    variants: dict[str, tuple[Variant, int]] = {
+        "hand-written": (hand_written, args.messages),
+        "headrace fetch+ack": (headrace_default, args.messages),
+        "headrace trim_acked=False": (headrace_keep, args.messages),
+    }
+    if not args.no_faststream:
+        variants["FastStream"] = (faststream, args.faststream_messages)
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    # Warm-up: imports, script loading, connection setup.
+    for name, (variant, _count) in variants.items():
+        asyncio.run(variant(args.url, stream_name(prefix, "warm", 0) + name[:4], 500))
+    for round_ in range(rounds):
+        for name, (variant, count) in variants.items():
+            key = stream_name(prefix, name.split()[0].lower(), round_)
+            rates[name].append(asyncio.run(variant(args.url, key, count)))
+    base = rates["hand-written"]
+    ours = rates["headrace fetch+ack"]
+    ratios = {
+        name: [r / b for r, b in zip(values, base, strict=True)] for name, values in rates.items()
+    }
+    vs_faststream = (
+        [o / f for o, f in zip(ours, rates["FastStream"], strict=True)]
+        if "FastStream" in rates
+        else []
+    )
+    print(
+        f"Redis stream, no-op handler, batches of {BATCH}: {args.messages} messages "
+        f"(FastStream {args.faststream_messages}), {rounds} interleaved rounds"
+    )
+    print(f"{'variant':<30}{'msgs/s (median)':>17}{'vs hand-written':>17}")
+    for name in variants:
+        print(
+            f"{name:<30}{statistics.median(rates[name]):>17,.0f}"
+            f"{statistics.median(ratios[name]):>16.2f}x"
+        )
+    for name in variants:
+        print(f"  {name} per round: {', '.join(f'{r:,.0f}' for r in rates[name])}")
+    if vs_faststream:
+        print(
+            f"headrace fetch+ack vs FastStream: {statistics.median(vs_faststream):.1f}x "
+            f"(per round: {', '.join(f'{r:.1f}' for r in vs_faststream)})"
+        )
+    out = Path(__file__).parent / "results" / "worker_redis.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "messages": args.messages,
+                "faststream_messages": args.faststream_messages,
+                "batch": BATCH,
+                "rounds": rounds,
+                "rates": rates,
+                "ratios_vs_hand_written": ratios,
+                "median_ratios_vs_hand_written": {
+                    name: statistics.median(values) for name, values in ratios.items()
+                },
+                "headrace_vs_faststream": vs_faststream,
+                "median_headrace_vs_faststream": statistics.median(vs_faststream)
+                if vs_faststream
+                else None,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
