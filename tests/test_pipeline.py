@@ -274,6 +274,25 @@ async def test_slow_sink_bounds_source_run_ahead(clock: Clock) -> None:
     assert clock.now() == 50.0
 
 
+async def test_queue_depth_shows_where_items_wait() -> None:
+    """queue_depth counts the items buffered in a stage's input channel."""
+
+    async def slow(x: int) -> int:
+        await asyncio.sleep(1.0)
+        return x
+
+    pipeline = Pipeline(range(100), chunk_size=4, buffer=2).map(slow, name="slow")
+    task = asyncio.ensure_future(pipeline.run())
+    await asyncio.sleep(0.5)
+    stage = pipeline.statistics().stage("slow")
+    # The stage holds its first chunk (4 items); its input channel holds 2 chunks.
+    assert (stage.items_in, stage.queue_depth) == (4, 8)
+    assert pipeline.statistics().running
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 # -- errors -------------------------------------------------------------------------
 
 

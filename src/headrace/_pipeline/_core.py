@@ -90,8 +90,8 @@ class Pipeline(Generic[_T]):
     ``workers > 1``) joined by bounded channels of ``buffer`` chunks of up to
     ``chunk_size`` items, so memory stays bounded and a slow sink slows the source
     (backpressure). Items move in chunks while stages keep up and singly when one
-    waits. Measured (``benchmarks/pipeline.py``): faster than a hand-written
-    ``asyncio.Queue`` pipeline and about 100x aiostream on trivial stages.
+    waits. Measured (``benchmarks/pipeline.py``, 3 trivial async stages): about 4x a
+    hand-written ``asyncio.Queue`` pipeline and 25-60x aiostream.
 
     A pipeline is an immutable description: every method returns a new one and can
     be run more than once (but a generator source is used up by the first run). It

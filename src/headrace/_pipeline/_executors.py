@@ -18,7 +18,6 @@ import asyncio
 import concurrent.futures
 import functools
 import inspect
-import pickle
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -99,6 +98,8 @@ def resolve_executor(fn: Callable[..., Any], executor: Executor, where: str) -> 
 
 def check_picklable(fn: Callable[..., Any], where: str) -> None:
     """Refuse a process-pool function that cannot be sent to the worker processes."""
+    import pickle  # pickling the function for a local process pool is what the pool does
+
     try:
         pickle.dumps(fn)
     except Exception as exc:

@@ -91,12 +91,14 @@ class ErrorHandler:
 
 async def emit(link: Link, chunk: list[Any]) -> None:
     """Send ``chunk`` downstream, waiting while the channel is full."""
-    link.sent += len(chunk)
     channel = link.channel
     try:
         channel.send_nowait(chunk)
     except WouldBlock:
         await channel.send(chunk)
+    # Counted once it is in the channel, so queue_depth never includes a chunk the
+    # sender is still holding.
+    link.sent += len(chunk)
 
 
 def emit_nowait(link: Link, chunk: list[Any]) -> bool:
