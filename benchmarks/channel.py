@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from headrace._channel import Channel
+from headrace import Channel
 
 CAPACITY = 64
 _DONE = object()

@@ -29,7 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from headrace._pipeline import Pipeline
+from headrace import Pipeline
 
 BUFFER = 64
 FAN_OUT = 8

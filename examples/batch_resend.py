@@ -33,9 +33,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from headrace import HttpStatusError, Retry
-from headrace._pipeline import FailedItem, Pipeline
-from headrace._ratelimit import TokenBucket
+from headrace import FailedItem, HttpStatusError, Pipeline, Retry, TokenBucket
 
 # -- the database ---------------------------------------------------------------------
 

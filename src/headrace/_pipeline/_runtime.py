@@ -209,7 +209,7 @@ class Run:
             mode,
             workers=spec.workers,
             ordered=spec.ordered,
-            window=spec.window or max(4 * spec.workers, 2 * chunk_size),
+            window=spec.window or max(4 * spec.workers, 128),
             source=source,
             output=link,
             counters=counters,
