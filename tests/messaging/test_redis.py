@@ -345,11 +345,16 @@ async def test_connection_error_is_translated_without_the_password() -> None:
 
 async def test_lost_connection_during_fetch_is_translated(redis_url: str, prefix: str) -> None:
     """A fetch whose connection is killed by the server raises BrokerConnectionError."""
-    async with RedisBroker(redis_url, prefix=prefix, consumer="doomed") as broker:
+    # Named connections, so that only ours are killed (others share this server).
+    name = f"doomed-{uuid.uuid4().hex[:12]}"
+    async with RedisBroker(redis_url, prefix=prefix, client_name=name) as broker:
         waiting = asyncio.create_task(broker.fetch("jobs", 1, timeout=10.0, lease=30.0))
         await asyncio.sleep(0.3)
         with redis.Redis.from_url(redis_url) as admin:
-            admin.client_kill_filter(_type="normal", skipme=True, laddr=None, user=None)
+            ours = [c["id"] for c in admin.client_list() if c.get("name") == name]
+            assert ours
+            for client_id in ours:
+                admin.client_kill_filter(_id=client_id)
         with pytest.raises(BrokerConnectionError):
             await waiting
 
@@ -382,3 +387,15 @@ def test_import_headrace_does_not_import_redis() -> None:
         "assert 'redis' not in sys.modules, 'redis imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_large_batches_with_short_leases(redis_url: str, prefix: str) -> None:
+    """Batches of thousands (leases set in chunks) hand back and come again in order."""
+    async with RedisBroker(redis_url, prefix=prefix) as broker:
+        ids = await broker.publish("jobs", numbered(2500))
+        got = await broker.fetch("jobs", 2500, timeout=1.0, lease=5.0)
+        assert [m.id for m in got] == ids
+        await broker.hand_back(got)
+        again = await broker.fetch("jobs", 2500, timeout=1.0, lease=5.0)
+        assert [(m.id, m.attempt) for m in again] == [(i, 1) for i in ids]
+        await broker.ack(again)

@@ -598,7 +598,12 @@ class RedisBroker:
         except Exception:
             return
         if step.messages:
-            await self._return(step.messages, mode="h", delay=0.0)
+            try:
+                await self._return(step.messages, mode="h", delay=0.0)
+            except Exception:
+                # Redis is gone or the broker closed: the batch comes back when its lease
+                # expires. Raising here would replace the cancellation being delivered.
+                return
 
     async def _step(self, topic: str, state: _TopicState, limit: int, lease: float) -> _Step:
         now = self._clock.now()
@@ -614,7 +619,8 @@ class RedisBroker:
             "1" if reclaim else "0",
             math.ceil(self._max_lease * 1000),
             state.claim_cursor,
-            max(100, limit),
+            # Due retries moved per fetch; Lua's unpack() takes at most ~8000 values.
+            min(1000, max(100, limit)),
             math.ceil(lease * 1000),
             "1" if reclaim and self._trim_acked else "0",
         ]
