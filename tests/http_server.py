@@ -7,12 +7,15 @@ header, now and at peak), and when each request of a ``/flaky`` key arrived.
 Routes: ``/ok?size=N`` (N bytes, Content-Length), ``/chunked?size=N`` (chunked, no
 length), ``/slow?delay=S``, ``/hang`` (never answers), ``/hang-body`` (headers and 1 KB,
 then nothing), ``/status/CODE?retry_after=V``, ``/flaky?key=K&fail=N&status=S&retry_after=V``
-(the first N requests of key K answer S, then 200), ``/echo`` (method and body back).
+(the first N requests of key K answer S, then 200), ``/first-slow?key=K&delay=S``
+(the first request of K stalls S seconds, the rest answer at once), ``/echo`` (method
+and body back).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -144,6 +147,15 @@ class HttpTestServer:
                     status=int(query.get("status", "503")), headers=headers, body=b"later"
                 )
             return web.Response(body=b"fine")
+        if path == "/first-slow":
+            # The first request of a key stalls (until cancelled or shutdown); the rest
+            # answer at once: the shape a hedged request is meant to beat.
+            key = query["key"]
+            self.arrivals[key].append(time.monotonic())
+            if len(self.arrivals[key]) == 1:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), float(query.get("delay", "5")))
+            return web.Response(body=b"answer %d" % len(self.arrivals[key]))
         if path == "/echo":
             body = await request.read()
             return web.Response(body=request.method.encode() + b" " + body)

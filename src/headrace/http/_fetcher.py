@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import warnings
 import weakref
 from collections import Counter
@@ -27,17 +28,12 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
-    Iterator,
     Mapping,
 )
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
-from aiohttp.client_reqrep import ClientRequest
-from aiohttp.connector import Connection
-from aiohttp.tracing import Trace
-from yarl import URL
 
 from .._cancel import deadline
 from .._clock import Clock, default_clock
@@ -46,11 +42,12 @@ from .._errors import (
     ConfigurationError,
     DeadlineExceeded,
     HeadraceError,
-    HttpError,
-    HttpTransportError,
     InternalError,
 )
+from .._hedge import HedgePolicy
+from .._ratelimit import KeyedLimiter, TokenBucket
 from .._retry import Retry, RetryBudget
+from ._fanout import ResultStream, coerce_request
 from ._models import (
     RETRYABLE_STATUSES,
     FetcherStatistics,
@@ -62,15 +59,24 @@ from ._models import (
     redact_url,
     status_error,
 )
+from ._transport import (
+    READ_CHUNK,
+    CountingConnector,
+    Prepared,
+    StreamResponse,
+    body_too_large,
+    translate,
+)
 
-__all__ = ["DEFAULT_RETRY", "Fetcher", "ResultStream", "StreamResponse", "SupportsAcquire"]
+__all__ = ["DEFAULT_RETRY", "Fetcher", "SupportsAcquire"]
 
 #: Three tries, 0.1 s doubling up to 5 s, full jitter: enough to ride out a blip or a
 #: 429 without tripling the load on a service that is really down (the budget caps that).
 DEFAULT_RETRY = Retry(max_attempts=3, initial_delay=0.1, max_delay=5.0)
 
 _NO_BODY_STATUSES = frozenset({204, 304})
-_READ_CHUNK = 64 * 1024
+# Reads only: a hedge duplicates the request, so only methods without effects qualify.
+_HEDGEABLE = frozenset({"GET", "HEAD"})
 
 
 @runtime_checkable
@@ -80,144 +86,13 @@ class SupportsAcquire(Protocol):
     def acquire(self) -> Awaitable[Any]: ...
 
 
-RateLimit = SupportsAcquire | Callable[[str], SupportsAcquire] | float
+RateLimit = SupportsAcquire | KeyedLimiter[str, Any] | Callable[[str], SupportsAcquire] | float
 
 
 class _State(enum.Enum):
     NEW = "new"
     OPEN = "open"
     CLOSED = "closed"
-
-
-class _Prepared:
-    """A request with its URL parsed once and its host key computed (hot path)."""
-
-    __slots__ = ("data", "host", "request", "url")
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        try:
-            url = URL(request.url)
-        except (ValueError, TypeError) as exc:
-            raise _invalid_url(request, self.url_text, str(exc)) from exc
-        if url.scheme not in ("http", "https") or not url.host:
-            raise _invalid_url(request, self.url_text, "an absolute http(s) URL is required")
-        self.url = url
-        self.host = f"{url.scheme}://{url.host}:{url.port}"
-        body = request.body
-        self.data = body.encode() if isinstance(body, str) else body
-
-    @property
-    def url_text(self) -> str:
-        """The URL for messages and logs, secrets redacted (only built when needed)."""
-        return redact_url(self.request.url)
-
-
-def _invalid_url(request: Request, url_text: str, why: str) -> HttpError:
-    return HttpError(
-        f"{request.method} {url_text}: invalid URL ({why})",
-        code="http_invalid_url",
-        public_message="The request URL is invalid.",
-        transient=False,
-        context={"method": request.method, "url": url_text},
-    )
-
-
-def _body_too_large(prepared: _Prepared, limit: int, seen: int | None) -> HttpError:
-    request = prepared.request
-    size = "unknown" if seen is None else str(seen)
-    return HttpError(
-        f"{request.method} {prepared.url_text}: body exceeds max_body_size={limit} bytes "
-        f"(at least {size} bytes)",
-        code="http_body_too_large",
-        public_message="An upstream response was too large.",
-        transient=False,
-        context={"method": request.method, "url": prepared.url_text, "max_body_size": limit},
-    )
-
-
-class _CountingConnector(aiohttp.TCPConnector):
-    """aiohttp's TCP connector, counting connections handed out as new or reused.
-
-    Why not aiohttp's ``TraceConfig`` hooks: with any trace config installed, aiohttp
-    builds trace objects and awaits a dozen signals per request, which cost about 12 %
-    of B6's throughput; here it is one set lookup per request.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.opened = 0
-        self.reused = 0
-        self._seen: weakref.WeakSet[object] = weakref.WeakSet()
-
-    async def connect(
-        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
-    ) -> Connection:
-        connection = await super().connect(req, traces, timeout)
-        protocol = connection.protocol
-        if protocol is not None:
-            if protocol in self._seen:
-                self.reused += 1
-            else:
-                self._seen.add(protocol)
-                self.opened += 1
-        return connection
-
-
-class StreamResponse:
-    """A response whose body you read yourself, inside :meth:`Fetcher.stream`.
-
-    ``status``, ``reason``, ``headers`` and ``url`` are available at once; read the body
-    with :meth:`read` (capped at the fetcher's ``max_body_size``) or iterate
-    :meth:`iter_chunks`. Whatever you leave unread is drained (up to ``drain_limit``
-    bytes) or the connection closed when the ``async with`` block ends. Belongs to the
-    task that opened it.
-    """
-
-    __slots__ = ("_consumed", "_limit", "_prepared", "_response")
-
-    def __init__(self, response: aiohttp.ClientResponse, prepared: _Prepared, limit: int) -> None:
-        self._response = response
-        self._prepared = prepared
-        self._limit = limit
-        self._consumed = 0
-
-    @property
-    def status(self) -> int:
-        return self._response.status
-
-    @property
-    def reason(self) -> str:
-        return self._response.reason or ""
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        return self._response.headers
-
-    @property
-    def url(self) -> str:
-        return str(self._response.url)
-
-    async def iter_chunks(self, size: int = _READ_CHUNK) -> AsyncIterator[bytes]:
-        """Yield the body in chunks of at most ``size`` bytes (no cap: you decide)."""
-        while True:
-            chunk = await self._response.content.read(size)
-            if not chunk:
-                return
-            self._consumed += len(chunk)
-            yield chunk
-
-    async def read(self) -> bytes:
-        """Read the rest of the body; raise ``http_body_too_large`` past the cap."""
-        chunks: list[bytes] = []
-        async for chunk in self.iter_chunks():
-            if self._consumed > self._limit:
-                raise _body_too_large(self._prepared, self._limit, self._consumed)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def __repr__(self) -> str:
-        return f"StreamResponse({self.status} {redact_url(self.url)})"
 
 
 class Fetcher:
@@ -244,6 +119,10 @@ class Fetcher:
       load, shared by this fetcher) allows.
     * ``raise_for_status`` (default ``True``): a final status >= 400 is an
       :class:`~headrace.HttpStatusError` (with ``context["status"]``).
+    * ``hedge``: a :class:`~headrace.HedgePolicy` for GET and HEAD requests (default
+      ``None``: no hedging). A request still unanswered after the policy's delay is
+      sent again on another connection; the first response wins and the loser's
+      connection is closed. Each hedged attempt takes its own slot.
 
     Use :meth:`fetch` for one request (also as a ``Pipeline.map`` function),
     :meth:`fetch_all` to stream results of many from a bounded pool of workers, and
@@ -272,6 +151,7 @@ class Fetcher:
         drain_limit: int = 64 * 1024,
         keepalive_expiry: float = 15.0,
         raise_for_status: bool = True,
+        hedge: HedgePolicy | None = None,
         headers: Mapping[str, str] | None = None,
         clock: Clock | None = None,
     ) -> None:
@@ -305,6 +185,9 @@ class Fetcher:
         self.drain_limit = drain_limit
         self.keepalive_expiry = float(keepalive_expiry)
         self.raise_for_status = raise_for_status
+        if hedge is not None and not isinstance(hedge, HedgePolicy):
+            raise ConfigurationError(f"Fetcher(hedge={hedge!r}) must be a headrace.HedgePolicy")
+        self.hedge = hedge
         self._default_headers = dict(headers) if headers else None
         self._clock = clock or default_clock()
         self._retry_budget = retry_budget
@@ -312,7 +195,7 @@ class Fetcher:
 
         self._state = _State.NEW
         self._session: aiohttp.ClientSession | None = None
-        self._connector: _CountingConnector | None = None
+        self._connector: CountingConnector | None = None
         # ``total`` is aiohttp's own timer: it starts when the request is handed to the
         # session (after our slots, so queueing is not counted) and also covers reading
         # the body; one timer per request instead of a second one of ours. ``connect``
@@ -358,32 +241,23 @@ class Fetcher:
                     f"Fetcher(rate_limit={rate_limit!r}) must be > 0 requests per second"
                 )
             rate = float(rate_limit)
-            try:
-                from .._ratelimit import TokenBucket
-            except ImportError as exc:  # pragma: no cover - depends on the tree's state
-                raise ConfigurationError(
-                    "Fetcher(rate_limit=<number>) needs headrace.TokenBucket; pass a limiter "
-                    "object or a per-host factory instead"
-                ) from exc
-
-            def bucket(host: str) -> SupportsAcquire:
-                limiter: SupportsAcquire = TokenBucket(rate, 1, clock=clock)
-                return limiter
-
-            return _per_host(bucket)
+            # Burst 1: "n per second" should mean evenly spaced, not n at once.
+            keyed_buckets: KeyedLimiter[str, TokenBucket] = KeyedLimiter(
+                lambda host: TokenBucket(rate, 1, clock=clock), clock=clock
+            )
+            return keyed_buckets.limiter
+        if isinstance(rate_limit, KeyedLimiter):
+            # Asked on every request, so that it sees the host as in use and can evict
+            # idle hosts' limiters on its own schedule.
+            return rate_limit.limiter
         if isinstance(rate_limit, SupportsAcquire):
             shared = rate_limit
             return lambda host: shared
-        keyed = getattr(rate_limit, "limiter", None)
-        if callable(keyed):
-            # A headrace.KeyedLimiter: ask it every time, so that it sees the host as in
-            # use and can evict idle hosts' limiters on its own schedule.
-            return lambda host: keyed(host)
         if callable(rate_limit):
             return _per_host(rate_limit)
         raise ConfigurationError(
             f"Fetcher(rate_limit={rate_limit!r}) must be requests per second, an object "
-            "with acquire(), or a callable host -> limiter"
+            "with acquire(), a KeyedLimiter, or a callable host -> limiter"
         )
 
     # -- lifecycle ------------------------------------------------------------------
@@ -397,7 +271,7 @@ class Fetcher:
             return
         if self._state is _State.CLOSED:
             raise ClosedResourceError("Fetcher is closed; create a new one", code="http_closed")
-        connector = _CountingConnector(
+        connector = CountingConnector(
             limit=self.max_concurrency,
             limit_per_host=self.per_host or 0,
             keepalive_timeout=self.keepalive_expiry,
@@ -428,6 +302,10 @@ class Fetcher:
             await stream.aclose()
         if self._session is not None:
             await self._session.close()
+
+    def _ensure_open(self) -> None:
+        if self._state is not _State.OPEN:
+            self.open()
 
     async def __aenter__(self) -> Fetcher:
         self.open()
@@ -483,7 +361,7 @@ class Fetcher:
         Usable directly as a pipeline stage: ``Pipeline(urls).map(fetcher.fetch,
         workers=100)``.
         """
-        response = await self._execute(_coerce(request))
+        response = await self._execute(coerce_request(request))
         if self.raise_for_status and response.status >= 400:
             error = status_error(
                 response, retry_after=parse_retry_after(response.headers.get("Retry-After"))
@@ -493,15 +371,15 @@ class Fetcher:
         return response
 
     async def _execute(self, request: Request) -> Response:
-        if self._state is not _State.OPEN:
-            self.open()
+        self._ensure_open()
         self._requests += 1
         try:
-            prepared = _Prepared(request)
+            prepared = Prepared(request)
         except HeadraceError as exc:
             self._errors[exc.code] += 1
             raise
         policy = self.retry if request.is_idempotent else None
+        hedge = self.hedge if request.method in _HEDGEABLE and request.is_idempotent else None
         budget = self._retry_budget if policy is not None else None
         if budget is not None:
             budget.record_request()
@@ -510,7 +388,12 @@ class Fetcher:
         failures = 0
         while True:
             try:
-                response = await self._attempt(prepared, started, failures + 1)
+                if hedge is None:
+                    response = await self._attempt(prepared, started, failures + 1)
+                else:
+                    response = await hedge.call(
+                        functools.partial(self._attempt, prepared, started, failures + 1)
+                    )
             except HeadraceError as exc:
                 failures += 1
                 delay = self._next_delay(policy, budget, exc, failures, started)
@@ -555,7 +438,7 @@ class Fetcher:
             return None
         return delay
 
-    async def _acquire_slot(self, prepared: _Prepared) -> asyncio.Semaphore | None:
+    async def _acquire_slot(self, prepared: Prepared) -> asyncio.Semaphore | None:
         """Wait for the rate limiter, then a host slot and a global slot.
 
         Returns the host semaphore to release (with the global one) in
@@ -589,7 +472,7 @@ class Fetcher:
 
     async def _wait_for_slots(
         self,
-        prepared: _Prepared,
+        prepared: Prepared,
         host_slots: asyncio.Semaphore | None,
         slots: asyncio.Semaphore,
     ) -> None:
@@ -631,7 +514,7 @@ class Fetcher:
             semaphore = self._host_slots[host] = asyncio.Semaphore(self.per_host)
         return semaphore
 
-    async def _attempt(self, prepared: _Prepared, started: float, attempt: int) -> Response:
+    async def _attempt(self, prepared: Prepared, started: float, attempt: int) -> Response:
         session = self._session
         assert session is not None
         request = prepared.request
@@ -646,9 +529,13 @@ class Fetcher:
                     request.method, prepared.url, headers=request.headers, data=prepared.data
                 )
             except aiohttp.ClientError as exc:
-                raise self._translate(exc, prepared) from exc
+                raise translate(exc, prepared, self.timeouts) from exc
             except TimeoutError as exc:
+                self._discarded += 1  # aiohttp closes the connection it was waiting on
                 raise self._total_timeout(prepared, begun, attempt) from exc
+            except asyncio.CancelledError:
+                self._discarded += 1  # likewise (a lost hedge, a cancelled caller)
+                raise
             try:
                 body = await self._read_body(response, prepared, begun, attempt)
             except BaseException:
@@ -672,7 +559,7 @@ class Fetcher:
             attempts=attempt,
         )
 
-    def _total_timeout(self, prepared: _Prepared, begun: float, attempt: int) -> DeadlineExceeded:
+    def _total_timeout(self, prepared: Prepared, begun: float, attempt: int) -> DeadlineExceeded:
         request = prepared.request
         total = self.timeouts.total
         return DeadlineExceeded(
@@ -690,7 +577,7 @@ class Fetcher:
         )
 
     async def _read_body(
-        self, response: aiohttp.ClientResponse, prepared: _Prepared, begun: float, attempt: int
+        self, response: aiohttp.ClientResponse, prepared: Prepared, begun: float, attempt: int
     ) -> bytes:
         if prepared.request.method == "HEAD" or response.status in _NO_BODY_STATUSES:
             response.release()
@@ -700,20 +587,20 @@ class Fetcher:
         try:
             if length is not None:
                 if length > limit:
-                    raise _body_too_large(prepared, limit, length)
+                    raise body_too_large(prepared, limit, length)
                 return await response.read()
             chunks: list[bytes] = []
             size = 0
             while True:
-                chunk = await response.content.read(_READ_CHUNK)
+                chunk = await response.content.read(READ_CHUNK)
                 if not chunk:
                     break
                 size += len(chunk)
                 if size > limit:
-                    raise _body_too_large(prepared, limit, size)
+                    raise body_too_large(prepared, limit, size)
                 chunks.append(chunk)
         except aiohttp.ClientError as exc:
-            raise self._translate(exc, prepared) from exc
+            raise translate(exc, prepared, self.timeouts) from exc
         except TimeoutError as exc:
             # aiohttp's total timer also covers the body and raises a bare TimeoutError.
             raise self._total_timeout(prepared, begun, attempt) from exc
@@ -725,68 +612,6 @@ class Fetcher:
         # either way the connection was thrown away instead of going back to the pool.
         self._discarded += 1
         response.close()
-
-    def _translate(self, exc: aiohttp.ClientError, prepared: _Prepared) -> HeadraceError:
-        """The one place where aiohttp's exceptions become headrace errors."""
-        request = prepared.request
-        where = f"{request.method} {prepared.url_text}"
-        context: dict[str, Any] = {"method": request.method, "url": prepared.url_text}
-        public = "An upstream service could not be reached."
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            seconds = self.timeouts.connect
-            context.update(phase="connect", timeout=seconds)
-            return HttpTransportError(
-                f"{where}: connect timed out after {seconds} s",
-                code="http_connect_timeout",
-                public_message=public,
-                context=context,
-            )
-        if isinstance(exc, aiohttp.ServerTimeoutError):
-            seconds = self.timeouts.read
-            context.update(phase="read", timeout=seconds)
-            return HttpTransportError(
-                f"{where}: the server sent nothing for read={seconds} s",
-                code="http_read_timeout",
-                public_message="An upstream service took too long.",
-                context=context,
-            )
-        if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
-            return _invalid_url(request, prepared.url_text, type(exc).__name__)
-        if isinstance(exc, aiohttp.TooManyRedirects):
-            return HttpError(
-                f"{where}: too many redirects",
-                code="http_too_many_redirects",
-                public_message=public,
-                context=context,
-            )
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            context.update(phase="connect", errno=exc.os_error.errno)
-            return HttpTransportError(
-                f"{where}: cannot connect ({exc.os_error.strerror or exc.os_error})",
-                code="http_connect_error",
-                public_message=public,
-                context=context,
-            )
-        if isinstance(exc, aiohttp.ServerDisconnectedError):
-            return HttpTransportError(
-                f"{where}: the server closed the connection before answering",
-                code="http_disconnected",
-                public_message=public,
-                context=context,
-            )
-        if isinstance(exc, aiohttp.ClientPayloadError):
-            return HttpTransportError(
-                f"{where}: the response body was cut short ({exc})",
-                code="http_payload_error",
-                public_message=public,
-                context=context,
-            )
-        return HttpTransportError(
-            f"{where}: {type(exc).__name__}: {exc}",
-            code="http_transport",
-            public_message=public,
-            context=context,
-        )
 
     # -- streaming one body -----------------------------------------------------------
 
@@ -800,12 +625,11 @@ class Fetcher:
         reused; otherwise, and on any exception or cancellation, the connection is
         closed. Status errors are not raised here: check ``status``.
         """
-        if self._state is not _State.OPEN:
-            self.open()
+        self._ensure_open()
         session = self._session
         assert session is not None
         self._requests += 1
-        prepared = _Prepared(_coerce(request))
+        prepared = Prepared(coerce_request(request))
         req = prepared.request
         host_slots = await self._acquire_slot(prepared)
         self._attempts += 1
@@ -820,7 +644,7 @@ class Fetcher:
                     timeout=self._stream_timeout,
                 )
             except aiohttp.ClientError as exc:
-                error = self._translate(exc, prepared)
+                error = translate(exc, prepared, self.timeouts)
                 self._errors[error.code] += 1
                 raise error from exc
             self._responses += 1
@@ -846,7 +670,7 @@ class Fetcher:
         drained = 0
         try:
             while drained <= self.drain_limit:
-                chunk = await response.content.read(_READ_CHUNK)
+                chunk = await response.content.read(READ_CHUNK)
                 if not chunk:
                     response.release()
                     return
@@ -926,175 +750,3 @@ def _per_host(
         return limiter
 
     return lookup
-
-
-def _coerce(item: object) -> Request:
-    if isinstance(item, Request):
-        return item
-    if isinstance(item, str):
-        return Request(item)
-    raise ConfigurationError(
-        f"expected a headrace.http.Request or a URL string, got {type(item).__name__}"
-    )
-
-
-_END = object()
-
-
-class _Failure:
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-class ResultStream:
-    """The async iterator :meth:`Fetcher.fetch_all` returns (also an async context manager).
-
-    Starts its workers on the first ``__anext__``; :meth:`aclose` cancels and awaits
-    them. Iterate it from one task only.
-    """
-
-    def __init__(
-        self,
-        fetcher: Fetcher,
-        requests: Iterable[Request | str] | AsyncIterable[Request | str],
-        ordered: bool,
-        workers: int,
-        fail_fast: bool,
-        window: int,
-    ) -> None:
-        self._fetcher = fetcher
-        self._sync_source: Iterator[Request | str] | None = None
-        self._async_source: AsyncIterator[Request | str] | None = None
-        if isinstance(requests, AsyncIterable):
-            self._async_source = aiter(requests)
-        elif isinstance(requests, Iterable) and not isinstance(requests, str | bytes):
-            self._sync_source = iter(requests)
-        else:
-            raise ConfigurationError(
-                f"fetch_all(requests=<{type(requests).__name__}>) must be an iterable of "
-                "Request or URL strings"
-            )
-        self._ordered = ordered
-        self._worker_count = workers
-        self._fail_fast = fail_fast
-        self._window = asyncio.Semaphore(window)
-        self._source_lock = asyncio.Lock()
-        self._results: asyncio.Queue[object] = asyncio.Queue()
-        self._pending: dict[int, Result] = {}
-        self._next_index = 0
-        self._next_expected = 0
-        self._tasks: list[asyncio.Task[None]] = []
-        self._alive = 0
-        self._exhausted = False
-        self._started = False
-        self._finished = False
-        self._closed = False
-
-    def __aiter__(self) -> ResultStream:
-        return self
-
-    async def __aenter__(self) -> ResultStream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    def _source_done(self) -> bool:
-        return self._exhausted
-
-    async def _next_request(self) -> tuple[int, Request] | None:
-        if self._exhausted:
-            return None
-        if self._sync_source is not None:
-            try:
-                item = next(self._sync_source)
-            except StopIteration:
-                self._exhausted = True
-                return None
-        else:
-            assert self._async_source is not None
-            # An async generator refuses concurrent __anext__ calls; take turns.
-            async with self._source_lock:
-                if self._source_done():
-                    return None
-                try:
-                    item = await anext(self._async_source)
-                except StopAsyncIteration:
-                    self._exhausted = True
-                    return None
-        index = self._next_index
-        self._next_index += 1
-        return index, _coerce(item)
-
-    async def _work(self) -> None:
-        try:
-            while True:
-                await self._window.acquire()
-                item = await self._next_request()
-                if item is None:
-                    self._window.release()
-                    return
-                index, request = item
-                self._results.put_nowait(await self._fetcher._fetch_result(index, request))
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self._results.put_nowait(_Failure(exc))
-        finally:
-            self._alive -= 1
-            if self._alive == 0:
-                self._results.put_nowait(_END)
-
-    def _start(self) -> None:
-        self._started = True
-        if self._fetcher._state is not _State.OPEN:
-            self._fetcher.open()
-        self._alive = self._worker_count
-        self._tasks = [
-            asyncio.create_task(self._work(), name=f"headrace.http.fetch_all worker {number}")
-            for number in range(self._worker_count)
-        ]
-
-    async def __anext__(self) -> Result:
-        if self._closed:
-            raise StopAsyncIteration
-        if not self._started:
-            self._start()
-        while True:
-            if self._ordered:
-                ready = self._pending.pop(self._next_expected, None)
-                if ready is not None:
-                    self._next_expected += 1
-                    self._window.release()
-                    return ready
-            if self._finished:
-                await self.aclose()
-                raise StopAsyncIteration
-            item = await self._results.get()
-            if item is _END:
-                self._finished = True
-                continue
-            if isinstance(item, _Failure):
-                await self.aclose()
-                raise item.error
-            assert isinstance(item, Result)
-            if self._fail_fast and item.error is not None:
-                await self.aclose()
-                raise item.error
-            if not self._ordered:
-                self._window.release()
-                return item
-            self._pending[item.index] = item
-
-    async def aclose(self) -> None:
-        """Cancel the workers (closing their connections) and wait for them. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._pending.clear()

@@ -1,0 +1,186 @@
+"""``fetch_all``'s machinery: a bounded pool of long-lived workers over a request source."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from .._errors import ConfigurationError
+from ._models import Request, Result
+
+if TYPE_CHECKING:
+    from ._fetcher import Fetcher
+
+__all__ = ["ResultStream", "coerce_request"]
+
+
+def coerce_request(item: object) -> Request:
+    if isinstance(item, Request):
+        return item
+    if isinstance(item, str):
+        return Request(item)
+    raise ConfigurationError(
+        f"expected a headrace.http.Request or a URL string, got {type(item).__name__}"
+    )
+
+
+_END = object()
+
+
+class _Failure:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class ResultStream:
+    """The async iterator :meth:`Fetcher.fetch_all` returns (also an async context manager).
+
+    Starts its workers on the first ``__anext__``; :meth:`aclose` cancels and awaits
+    them. Iterate it from one task only.
+    """
+
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        requests: Iterable[Request | str] | AsyncIterable[Request | str],
+        ordered: bool,
+        workers: int,
+        fail_fast: bool,
+        window: int,
+    ) -> None:
+        self._fetcher = fetcher
+        self._sync_source: Iterator[Request | str] | None = None
+        self._async_source: AsyncIterator[Request | str] | None = None
+        if isinstance(requests, AsyncIterable):
+            self._async_source = aiter(requests)
+        elif isinstance(requests, Iterable) and not isinstance(requests, str | bytes):
+            self._sync_source = iter(requests)
+        else:
+            raise ConfigurationError(
+                f"fetch_all(requests=<{type(requests).__name__}>) must be an iterable of "
+                "Request or URL strings"
+            )
+        self._ordered = ordered
+        self._worker_count = workers
+        self._fail_fast = fail_fast
+        self._window = asyncio.Semaphore(window)
+        self._source_lock = asyncio.Lock()
+        self._results: asyncio.Queue[object] = asyncio.Queue()
+        self._pending: dict[int, Result] = {}
+        self._next_index = 0
+        self._next_expected = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._alive = 0
+        self._exhausted = False
+        self._started = False
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> ResultStream:
+        return self
+
+    async def __aenter__(self) -> ResultStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _source_done(self) -> bool:
+        return self._exhausted
+
+    async def _next_request(self) -> tuple[int, Request] | None:
+        if self._exhausted:
+            return None
+        if self._sync_source is not None:
+            try:
+                item = next(self._sync_source)
+            except StopIteration:
+                self._exhausted = True
+                return None
+        else:
+            assert self._async_source is not None
+            # An async generator refuses concurrent __anext__ calls; take turns.
+            async with self._source_lock:
+                if self._source_done():
+                    return None
+                try:
+                    item = await anext(self._async_source)
+                except StopAsyncIteration:
+                    self._exhausted = True
+                    return None
+        index = self._next_index
+        self._next_index += 1
+        return index, coerce_request(item)
+
+    async def _work(self) -> None:
+        try:
+            while True:
+                await self._window.acquire()
+                item = await self._next_request()
+                if item is None:
+                    self._window.release()
+                    return
+                index, request = item
+                self._results.put_nowait(await self._fetcher._fetch_result(index, request))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._results.put_nowait(_Failure(exc))
+        finally:
+            self._alive -= 1
+            if self._alive == 0:
+                self._results.put_nowait(_END)
+
+    def _start(self) -> None:
+        self._started = True
+        self._fetcher._ensure_open()
+        self._alive = self._worker_count
+        self._tasks = [
+            asyncio.create_task(self._work(), name=f"headrace.http.fetch_all worker {number}")
+            for number in range(self._worker_count)
+        ]
+
+    async def __anext__(self) -> Result:
+        if self._closed:
+            raise StopAsyncIteration
+        if not self._started:
+            self._start()
+        while True:
+            if self._ordered:
+                ready = self._pending.pop(self._next_expected, None)
+                if ready is not None:
+                    self._next_expected += 1
+                    self._window.release()
+                    return ready
+            if self._finished:
+                await self.aclose()
+                raise StopAsyncIteration
+            item = await self._results.get()
+            if item is _END:
+                self._finished = True
+                continue
+            if isinstance(item, _Failure):
+                await self.aclose()
+                raise item.error
+            assert isinstance(item, Result)
+            if self._fail_fast and item.error is not None:
+                await self.aclose()
+                raise item.error
+            if not self._ordered:
+                self._window.release()
+                return item
+            self._pending[item.index] = item
+
+    async def aclose(self) -> None:
+        """Cancel the workers (closing their connections) and wait for them. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._pending.clear()
