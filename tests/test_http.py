@@ -20,6 +20,7 @@ import pytest
 
 import headrace.http
 from headrace import (
+    Clock,
     ClosedResourceError,
     ConfigurationError,
     DeadlineExceeded,
@@ -29,10 +30,20 @@ from headrace import (
     KeyedLimiter,
     Pipeline,
     Retry,
+    RetryBudget,
     TokenBucket,
 )
 from headrace._hedge import HedgePolicy
-from headrace.http import Fetcher, Request, Result, Timeouts, parse_retry_after, redact_url
+from headrace.http import (
+    Fetcher,
+    Request,
+    Response,
+    Result,
+    Timeouts,
+    parse_retry_after,
+    redact_url,
+)
+from headrace.http._models import status_error
 from http_server import HttpTestServer
 
 real_time = pytest.mark.real_time
@@ -146,6 +157,63 @@ async def test_fetch_all_refuses_bad_arguments() -> None:
         fetcher.fetch_all([], workers=0)
     with pytest.raises(ConfigurationError, match="must be an iterable"):
         fetcher.fetch_all("http://127.0.0.1/")  # type: ignore[arg-type]
+
+
+async def test_slot_wait_expires_at_exactly_slot_wait(clock: Clock) -> None:
+    """On the virtual clock, a request that finds every slot taken fails with
+    http_slot_timeout at exactly slot_wait seconds, without touching the network."""
+    timeouts = Timeouts(slot_wait=0.25)
+    async with Fetcher(max_concurrency=1, timeout=timeouts, clock=clock) as fetcher:
+        # White-box: hold the only slot the way an in-flight request would.
+        assert fetcher._slots is not None
+        await fetcher._slots.acquire()
+        started = clock.now()
+        with pytest.raises(DeadlineExceeded) as info:
+            await fetcher.fetch("http://127.0.0.1:9/never-sent")
+        assert clock.now() - started == 0.25
+        assert fetcher.statistics().waiting_for_slot == 0
+        assert fetcher.statistics().attempts == 0
+        fetcher._slots.release()
+    assert info.value.code == "http_slot_timeout"
+    assert info.value.context["elapsed"] == 0.25
+    assert "slot_wait=0.25 s (max_concurrency=1, per_host=None)" in info.value.message
+
+
+def _status(status: int, retry_after: float | None) -> HttpStatusError:
+    request = Request("http://h/x")
+    response = Response(request, status, "", {}, b"", request.url, 0.0, 1)
+    return status_error(response, retry_after=retry_after)
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "failures", "expected"),
+    [
+        (503, None, 1, 0.1),  # the policy's own backoff
+        (503, None, 2, 0.2),
+        (429, 2.0, 1, 2.0),  # Retry-After is longer: it wins
+        (429, 0.01, 1, 0.1),  # Retry-After is shorter: the backoff still applies
+        (503, 61.0, 1, None),  # longer than max_retry_after: give up now
+        (503, None, 3, None),  # max_attempts reached
+        (404, None, 1, None),  # not transient
+    ],
+)
+def test_retry_decision(
+    status: int, retry_after: float | None, failures: int, expected: float | None
+) -> None:
+    """The wait before a retry is max(backoff, Retry-After), within max_retry_after."""
+    policy = Retry(max_attempts=3, initial_delay=0.1, jitter="none")
+    fetcher = Fetcher(retry=policy, max_retry_after=60)
+    error = _status(status, retry_after)
+    assert fetcher._next_delay(policy, None, error, failures, fetcher._clock.now()) == expected
+
+
+def test_retry_budget_can_veto_a_retry() -> None:
+    """An exhausted RetryBudget stops retries even when the policy would retry."""
+    policy = Retry(max_attempts=3, initial_delay=0.1, jitter="none")
+    fetcher = Fetcher(retry=policy)
+    empty = RetryBudget(ratio=0.0, min_per_second=0.0)
+    error = _status(503, None)
+    assert fetcher._next_delay(policy, empty, error, 1, fetcher._clock.now()) is None
 
 
 # -- against the local server --------------------------------------------------------------
