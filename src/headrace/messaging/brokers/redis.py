@@ -61,8 +61,8 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -136,7 +136,7 @@ _headers_decoder = msgspec.json.Decoder(dict[str, str])
 class _Receipt(NamedTuple):
     """Which delivery a message is: the stream entry and Redis's delivery counter."""
 
-    entry_id: str
+    entry_id: bytes
     deliveries: int
 
 
@@ -148,10 +148,59 @@ class _Keys(NamedTuple):
     dead: str
 
 
+class _Translated:
+    """The choke point where redis-py errors become headrace errors (a context manager).
+
+    A class rather than a generator: it is entered twice per fetch-and-ack batch, and
+    does nothing at all unless the block raises.
+    """
+
+    __slots__ = ("operation", "topic", "url")
+
+    def __init__(self, url: str, operation: str, topic: str | None) -> None:
+        self.url = url
+        self.operation = operation
+        self.topic = topic
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        # Returns None, never true: an error is translated or passed on, never swallowed.
+        if exc is None or not isinstance(exc, Exception):
+            return
+        url = redact(self.url)
+        context: dict[str, Any] = {"url": url, "operation": self.operation}
+        where = f"redis {self.operation}"
+        if self.topic is not None:
+            context["topic"] = self.topic
+            where += f"({self.topic!r})"
+        with translate_errors(
+            _ERRORS,
+            message=lambda error: (
+                f"{where} failed on {url}: {type(error).__name__}: {redact(str(error))}"
+            ),
+            context=context,
+        ):
+            raise exc.with_traceback(traceback)
+
+
 class _TopicState:
     """What this broker instance remembers about one topic."""
 
-    __slots__ = ("claim_cursor", "group_ready", "keys", "next_reclaim", "own_cursor")
+    __slots__ = (
+        "claim_cursor",
+        "group_ready",
+        "housekeeping",
+        "keys",
+        "next_reclaim",
+        "own_cursor",
+    )
 
     def __init__(self, keys: _Keys) -> None:
         self.keys = keys
@@ -160,6 +209,9 @@ class _TopicState:
         self.own_cursor = "0"
         self.claim_cursor = "0-0"
         self.next_reclaim = -math.inf
+        # The next fetch must run the full script: something may be waiting in the
+        # returned or delayed sets (we returned messages, or a wait was cut short).
+        self.housekeeping = True
 
 
 class _Step(NamedTuple):
@@ -396,20 +448,8 @@ class RedisBroker:
             )
         return lease
 
-    @contextmanager
-    def _translated(self, operation: str, topic: str | None = None) -> Iterator[None]:
-        context: dict[str, Any] = {"url": redact(self._url), "operation": operation}
-        where = f"redis {operation}" + (f"({topic!r})" if topic is not None else "")
-        if topic is not None:
-            context["topic"] = topic
-        with translate_errors(
-            _ERRORS,
-            message=lambda exc: (
-                f"{where} failed on {redact(self._url)}: {type(exc).__name__}: {redact(str(exc))}"
-            ),
-            context=context,
-        ):
-            yield
+    def _translated(self, operation: str, topic: str | None = None) -> _Translated:
+        return _Translated(self._url, operation, topic)
 
     def _check_open(self, operation: str) -> None:
         if self._closed:
@@ -610,6 +650,19 @@ class RedisBroker:
         reclaim = now >= state.next_reclaim
         if reclaim:
             state.next_reclaim = now + self._reclaim_interval
+        elif (
+            not state.housekeeping
+            and not state.own_cursor
+            and lease >= self._max_lease
+            and state.group_ready
+        ):
+            # While messages flow, a plain XREADGROUP is all a fetch needs: the
+            # housekeeping runs every reclaim_interval, and whenever this read finds
+            # nothing (the full script also says what to wait for).
+            messages = await self._read_new(topic, state, limit)
+            if messages:
+                return _Step(messages, None, "", "")
+        state.housekeeping = False
         keys = state.keys
         args: list[Any] = [
             self._group,
@@ -637,17 +690,66 @@ class RedisBroker:
                 reply = await self._fetch_script(keys=script_keys, args=args)
         state.own_cursor = _text(reply[0])
         state.claim_cursor = _text(reply[1])
-        messages: list[Message] = []
+        messages = [
+            _message(topic, reply[index], reply[index + 1], _pairs(reply[index + 2]))
+            for index in range(5, len(reply), 3)
+        ]
+        due_in = None if reply[2] == -1 else float(reply[2])
+        return _Step(
+            await self._over_the_cap(topic, messages), due_in, _text(reply[3]), _text(reply[4])
+        )
+
+    async def _read_new(self, topic: str, state: _TopicState, limit: int) -> list[Message]:
+        """``XREADGROUP ... >``: new entries only, leased for ``max_lease``."""
+        stream = state.keys.stream
+        with self._translated("fetch", topic):
+            try:
+                reply = await self._client.xreadgroup(
+                    self._group, self._consumer, {stream: ">"}, count=limit
+                )
+            except redis_errors.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                state.group_ready = False
+                await self._ensure_group(topic, state)
+                return []
+        if not reply:
+            return []
+        # RESP3 gives {stream: [entries]}, RESP2 [[stream, entries]].
+        raw: Any = reply
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = (
+            next(iter(raw.values()))[0] if isinstance(raw, dict) else raw[0][1]
+        )
+        if any(len(fields) != 1 or b"b" not in fields for _, fields in entries):
+            return await self._over_the_cap(
+                topic,
+                [
+                    _message(topic, entry_id, 1, fields.items())
+                    for entry_id, fields in entries
+                    if fields
+                ],
+            )
+        # The common entry: a body and nothing else, on its first delivery.
+        return [
+            Message(
+                id=entry_id.decode(), topic=topic, body=fields[b"b"], receipt=_Receipt(entry_id, 1)
+            )
+            for entry_id, fields in entries
+        ]
+
+    async def _over_the_cap(self, topic: str, messages: list[Message]) -> list[Message]:
+        """Dead-letter the messages delivered more than ``max_deliveries`` times."""
         cap = self._max_deliveries
-        for index in range(5, len(reply), 3):
-            message = _message(topic, reply[index], reply[index + 1], reply[index + 2])
-            if cap is not None and message.attempt > cap:
+        if cap is None or all(message.attempt <= cap for message in messages):
+            return messages
+        kept: list[Message] = []
+        for message in messages:
+            if message.attempt > cap:
                 record = max_deliveries_record(topic, message.id, message.attempt - 1, cap)
                 await self._dead_letter(message, _json_encode(record))
             else:
-                messages.append(message)
-        due_in = None if reply[2] == -1 else float(reply[2])
-        return _Step(messages, due_in, _text(reply[3]), _text(reply[4]))
+                kept.append(message)
+        return kept
 
     async def _wait_for_news(
         self, topic: str, state: _TopicState, step: _Step, seconds: float
@@ -657,6 +759,9 @@ class RedisBroker:
         A plain ``XREAD`` (not ``XREADGROUP``) claims nothing, so cancelling it, or
         closing the broker under it, can never strand a message in a pending list.
         """
+        # Whatever ends the wait (a signal, a due retry, the reclaim time), the next
+        # fetch looks everywhere.
+        state.housekeeping = True
         if seconds > 0:
             block_ms = max(1, math.ceil(seconds * 1000))
             streams: dict[Any, Any] = {
@@ -752,7 +857,9 @@ class RedisBroker:
         delay_ms = math.ceil(delay * 1000)
         horizon_ms = math.ceil(self._max_lease * 1000)
         for topic, batch in self._by_topic(messages).items():
-            keys = self._state(topic).keys
+            state = self._state(topic)
+            state.housekeeping = True
+            keys = state.keys
             args: list[Any] = [self._group, self._consumer, mode, delay_ms, horizon_ms]
             for message in batch:
                 args += [message.receipt.entry_id, message.receipt.deliveries]
@@ -880,16 +987,22 @@ def _msgpack_header(
     return bytes([head32]) + size.to_bytes(4, "big")
 
 
-def _message(topic: str, entry: bytes, deliveries: int, fields: Sequence[bytes]) -> Message:
-    """The :class:`Message` of one stream entry (flat field list) and its delivery count."""
-    entry_id = entry.decode()
+def _pairs(flat: Sequence[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    """``(name, value)`` pairs of a flat ``[name, value, ...]`` field list."""
+    values = iter(flat)
+    return zip(values, values, strict=True)
+
+
+def _message(
+    topic: str, entry: bytes, deliveries: int, fields: Iterable[tuple[bytes, bytes]]
+) -> Message:
+    """The :class:`Message` of one stream entry and its delivery count."""
+    message_id = entry.decode()
     body = b""
     key: str | None = None
     headers: dict[str, str] = {}
-    message_id = entry_id
     base = 0
-    for index in range(0, len(fields), 2):
-        name, value = fields[index], fields[index + 1]
+    for name, value in fields:
         if name == b"b":
             body = value
         elif name == b"k":
@@ -910,7 +1023,7 @@ def _message(topic: str, entry: bytes, deliveries: int, fields: Sequence[bytes])
         headers=headers,
         attempt=base + deliveries,
         key=key,
-        receipt=_Receipt(entry_id, deliveries),
+        receipt=_Receipt(entry, deliveries),
     )
 
 
@@ -920,7 +1033,7 @@ def _dead_letter_of(topic: str, entry: Any) -> DeadLetter:
     error: dict[str, Any] = {}
     attempt = 1
     when = 0.0
-    kept: list[bytes] = []
+    kept: list[tuple[bytes, bytes]] = []
     for name, value in fields.items():
         if name == b"e":
             error = msgspec.json.decode(value)
@@ -929,7 +1042,7 @@ def _dead_letter_of(topic: str, entry: Any) -> DeadLetter:
         elif name == b"t":
             when = int(value) / 1000
         else:
-            kept += [name, value]
+            kept.append((name, value))
     message = _message(topic, entry_id, attempt, kept)
     message.receipt = None
     return DeadLetter(message, error, when)
