@@ -335,11 +335,15 @@ def _b2d_round(lib: str, duration: float, processes: int, tasks: int) -> float:
         for _ in range(processes)
     ]
     stamps: list[float] = []
+    failed = 0
     for child in children:
         out, _ = child.communicate(timeout=duration + 60)
         if child.returncode != 0:
-            raise RuntimeError(f"B2d worker for {lib} failed with {child.returncode}")
-        stamps.extend(json.loads(out))
+            failed += 1
+        else:
+            stamps.extend(json.loads(out))
+    if failed:
+        raise RuntimeError(f"{failed} B2d worker(s) for {lib} failed")
     counted = sum(1 for stamp in stamps if 1.0 <= stamp < duration)
     return counted / (500 * (duration - 1.0)) - 1.0
 
@@ -355,9 +359,18 @@ def bench_b2d(args: argparse.Namespace) -> dict[str, Any]:
     duration = 3.0 if args.quick else 5.0
     libs = ["headrace", "pyrate"] + (["limits"] if _has("limits") else [])
     errors: dict[str, list[float]] = {lib: [] for lib in libs}
+    failures: dict[str, int] = dict.fromkeys(libs, 0)
     for _ in range(args.rounds):
         for lib in libs:
-            errors[lib].append(_b2d_round(lib, duration, 4, 8))
+            # Other engineers' tests share this Redis (some drop connections on purpose):
+            # a round whose worker lost its connection is run again, up to twice.
+            for _attempt in range(3):
+                try:
+                    errors[lib].append(_b2d_round(lib, duration, 4, 8))
+                    break
+                except RuntimeError as exc:
+                    failures[lib] += 1
+                    print(f"  (B2d {lib}: {exc}; running the round again)", file=sys.stderr)
     medians = {lib: statistics.median(values) for lib, values in errors.items()}
     rows = [
         [
@@ -375,7 +388,7 @@ def bench_b2d(args: argparse.Namespace) -> dict[str, Any]:
         ["limiter", "median error", "min", "max"],
         rows,
     )
-    return {"duration": duration, "errors": errors, "median_error": medians}
+    return {"duration": duration, "errors": errors, "median_error": medians, "failures": failures}
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -410,12 +423,14 @@ def main() -> None:
         "python": sys.version.split()[0],
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    for key, bench in benches.items():
-        if key in chosen:
-            results[key] = bench(args)
     out = Path(__file__).parent / "results" / "ratelimit.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
+    # Scenarios not run this time keep their last results (each is stamped).
+    merged: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    for key, bench in benches.items():
+        if key in chosen:
+            merged[key] = {**results, **bench(args)}
+    out.write_text(json.dumps(merged, indent=2, default=str))
     print(f"\nwrote {out}")
 
 
