@@ -11,6 +11,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Iterator,
 )
 from typing import Any, Generic, TypeVar, overload
 
@@ -468,23 +469,19 @@ class PipelineIterator(Generic[_T]):
     awaits every stage; dropping an unclosed iterator cancels them without waiting.
     """
 
-    __slots__ = ("_chunk", "_closed", "_position", "_run")
+    __slots__ = ("_closed", "_items", "_run")
 
     def __init__(self, run: Run) -> None:
         self._run = run
-        self._chunk: list[Any] = []
-        self._position = 0
+        self._items: Iterator[Any] = iter(())
         self._closed = False
 
     def __aiter__(self) -> PipelineIterator[_T]:
         return self
 
     async def __anext__(self) -> _T:
-        position = self._position
-        chunk = self._chunk
-        if position < len(chunk):
-            self._position = position + 1
-            return chunk[position]  # type: ignore[no-any-return]
+        for item in self._items:
+            return item  # type: ignore[no-any-return]
         return await self._next_chunk()
 
     async def _next_chunk(self) -> _T:
@@ -507,9 +504,8 @@ class PipelineIterator(Generic[_T]):
                     break
                 if chunk:
                     run.items_out += len(chunk)
-                    self._chunk = chunk
-                    self._position = 1
-                    return chunk[0]  # type: ignore[no-any-return]
+                    self._items = iter(chunk)
+                    return next(self._items)  # type: ignore[no-any-return]
             if run.error is None:
                 await run.wait()
         except BaseException:
@@ -523,7 +519,7 @@ class PipelineIterator(Generic[_T]):
     async def aclose(self) -> None:
         """Cancel and await every stage (idempotent)."""
         self._closed = True
-        self._chunk = []
+        self._items = iter(())
         await self._run.aclose()
 
     def __del__(self) -> None:
