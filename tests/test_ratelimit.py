@@ -411,6 +411,19 @@ async def test_reservation_wait_and_cancel(clock: Clock) -> None:
         await refused.wait()
 
 
+async def test_async_with_takes_one_token(clock: Clock) -> None:
+    """``async with`` a bucket or a MultiLimiter waits for one token, like acquire()."""
+    bucket = TokenBucket(2.0, 1, clock=clock)
+    both = MultiLimiter(bucket, TokenBucket(1.0, 1, clock=clock))
+    async with bucket:
+        assert clock.now() == 0
+    async with bucket:
+        assert clock.now() == 0.5
+    async with both:
+        assert clock.now() == 1.0
+    assert bucket.statistics().granted == 3
+
+
 async def test_dynamic_rate_change_mid_wait(clock: Clock) -> None:
     """Sleepers wake at the times they were given; later callers follow the new rate."""
     bucket = TokenBucket(1.0, 1, clock=clock)

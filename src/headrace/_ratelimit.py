@@ -358,7 +358,13 @@ class TokenBucket:
         return self._clock
 
     def set_rate(self, rate: float) -> None:
-        """Change the refill rate from now on; sleepers keep their grant times."""
+        """Change the refill rate (tokens per second) from now on.
+
+        Waiters already sleeping keep the grant times they were given. The bucket is
+        replayed at the new rate over their scheduled grants, so new callers queue behind
+        them: after a speed-up they follow at the new, shorter spacing; after a slow-down
+        they first repay, at the new rate, the debt the sleepers ran up at the old one.
+        """
         self.set_rate_at(self._clock.now(), rate)
 
     def set_rate_at(self, now: float, rate: float) -> None:
@@ -681,6 +687,13 @@ class TokenBucket:
         """A snapshot of the counters and the current level."""
         return self.statistics_at(self._clock.now())
 
+    async def __aenter__(self) -> None:
+        """``async with bucket:`` waits for one token (there is nothing to release)."""
+        await self.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
     def __repr__(self) -> str:
         return (
             f"TokenBucket(rate={self._rate:g}, burst={self._burst:g}, waiters={len(self._ledger)})"
@@ -838,6 +851,13 @@ class MultiLimiter:
     def statistics(self) -> tuple[RateLimiterStatistics, ...]:
         """One snapshot per bucket, in order."""
         return tuple(limiter.statistics() for limiter in self._limiters)
+
+    async def __aenter__(self) -> None:
+        """``async with limits:`` waits for one token from every bucket."""
+        await self.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
 
     def __repr__(self) -> str:
         return f"MultiLimiter({', '.join(map(repr, self._limiters))})"
