@@ -73,6 +73,23 @@ async def test_async_generator_source_and_flat_map_async_iterable() -> None:
     assert result == [0, 0, 1, 0, 1, 2]
 
 
+async def test_channel_as_source() -> None:
+    """A headrace Channel is an async iterable source; the pipeline ends when it closes."""
+    from headrace._channel import Channel
+
+    channel = Channel[int](4)
+
+    async def produce() -> None:
+        async with channel:
+            for i in range(10):
+                await channel.send(i)
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(produce())
+        result = await Pipeline(channel).map(double).collect()
+    assert result == [2 * i for i in range(10)]
+
+
 async def test_batch_and_unbatch() -> None:
     """batch groups by size with a partial last batch; unbatch flattens back."""
     batched = await Pipeline(range(7)).batch(3).collect()
@@ -639,6 +656,9 @@ async def test_progress_display_runs(clock: Clock) -> None:
         (lambda p: p.batch(0), r"batch\(size\)=0"),
         (lambda p: p.rate_limit(object()), r"async acquire"),
         (lambda p: p.tee(0), r"tee\(n\)=0"),
+        (lambda p: p.map(abs, executor="inline", timeout=1), r"cannot interrupt"),
+        (lambda p: p.map(double, window=0), r"window=0"),
+        (lambda p: p.batch(3, max_wait=0), r"max_wait\)=0"),
     ],
 )
 def test_bad_configuration_is_refused(build: Any, message: str) -> None:

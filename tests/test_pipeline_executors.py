@@ -111,3 +111,27 @@ def test_sync_function_with_async_executor_is_refused() -> None:
     """executor='async' needs an async function."""
     with pytest.raises(ConfigurationError, match="not an async function"):
         Pipeline(range(3)).map(square, executor="async")
+
+
+@pytest.mark.real_time
+async def test_thread_timeout_sets_token_and_dead_letters() -> None:
+    """A thread call past its timeout has its token cancelled and becomes a
+    DeadlineExceeded for the on_error policy; the thread was waited for."""
+    from headrace._errors import DeadlineExceeded
+
+    finished: list[int] = []
+
+    def cooperative(x: int) -> int:
+        if x == 1:
+            current_cancel_token().wait(30.0)  # returns as soon as the token is set
+        finished.append(x)
+        return x
+
+    dead: list[FailedItem] = []
+    started = time.monotonic()
+    out = await Pipeline(range(3)).map(cooperative, timeout=0.2, on_error=dead.append).collect()
+    assert out == [0, 2]
+    assert [(f.item, type(f.error)) for f in dead] == [(1, DeadlineExceeded)]
+    assert sorted(finished) == [0, 1, 2]
+    # Tolerant bound: far below the 30 s the thread would have slept uncancelled.
+    assert time.monotonic() - started < 10.0

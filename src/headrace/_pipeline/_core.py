@@ -82,7 +82,8 @@ class Pipeline(Generic[_T]):
     Build it fluently from a sync or async iterable (a list, a generator, an async
     generator, a :class:`~headrace.Channel`), add stages, then consume it with one of
     the sinks: ``async for``, :meth:`collect`, :meth:`run` (drain, return statistics)
-    or :meth:`run_sync`::
+    or :meth:`run_sync`. A sync source is iterated on the event loop, so it must not
+    block (wrap blocking reads in an async generator that awaits a thread)::
 
         stats = await (
             Pipeline(read_rows(db))
@@ -170,7 +171,13 @@ class Pipeline(Generic[_T]):
             on_error=_check_policy(on_error, where),
             executor=executor,
         )
-        resolve_executor(fn, executor, where)  # refuse mismatches now, not at run time
+        # Refuse mismatches now, not when the run starts.
+        if resolve_executor(fn, executor, where) == "inline" and spec.timeout is not None:
+            raise ConfigurationError(
+                f"{where}: timeout={timeout!r} cannot interrupt a sync function called "
+                "inline on the event loop; use executor='thread' (or an async function)",
+                code="invalid_stage",
+            )
         return self._derive(StageNode(self._node, spec))
 
     # -- stages ------------------------------------------------------------------
@@ -229,7 +236,9 @@ class Pipeline(Generic[_T]):
         ``ordered=True`` keeps input order, holding at most ``window`` results
         (default ``max(4 * workers, 128)``) while a slow item finishes;
         ``ordered=False`` emits in completion order. ``timeout`` (seconds) bounds each
-        call (:class:`~headrace.DeadlineExceeded`); ``retry`` retries failed calls;
+        call (:class:`~headrace.DeadlineExceeded`); a thread or process call that times
+        out has its cancel token set and is still waited for, since neither can be
+        killed. ``retry`` retries failed calls (each attempt gets its own ``timeout``);
         ``on_error`` decides what a failure after retries does (see :class:`OnError`).
         """
         return self._stage(
