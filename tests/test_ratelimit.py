@@ -632,6 +632,43 @@ def test_no_window_sees_more_than_burst_plus_rate_times_length(
     )
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=st.sampled_from([0.5, 1.0, 3.0, 10.0, 1000.0]),
+    burst=st.integers(min_value=1, max_value=5),
+    ops=st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=50),
+            st.booleans(),
+            st.integers(min_value=0, max_value=5),
+        ),
+        max_size=60,
+    ),
+)
+def test_without_cancellations_it_is_the_go_arithmetic(
+    rate: float, burst: int, ops: list[tuple[int, bool, int]]
+) -> None:
+    """With no cancels, grant times equal x/time/rate's token arithmetic (a tiny model)."""
+    bucket = TokenBucket(rate, burst, clock=_Frozen())
+    tokens, last, now = float(burst), 0.0, 0.0
+    for step, try_only, n in ops:
+        now += step / 50
+        n = min(n, burst)
+        tokens = min(burst, tokens + (now - last) * rate)
+        last = now
+        # One deliberate difference: asking for 0 tokens never waits (Go queues it).
+        expected_wait = max(0.0, (n - tokens) / rate) if n else 0.0
+        if try_only:
+            granted = bucket.try_acquire_at(now, n)
+            assert granted == (expected_wait <= 1e-9 / rate)
+            if granted:
+                tokens -= n
+        else:
+            reservation = bucket.reserve_at(now, n)
+            tokens -= n
+            assert reservation.time_to_act == pytest.approx(now + expected_wait, abs=1e-9)
+
+
 def _assert_bound(grants: list[tuple[float, float]], rate: float, burst: float) -> None:
     grants = sorted(grants)
     for i in range(len(grants)):
