@@ -87,6 +87,20 @@ async def test_cancel_returns_the_tokens(redis_url: str) -> None:
         await bucket.reset()
 
 
+async def test_cancel_keeps_what_later_reservations_counted_on(redis_url: str) -> None:
+    """Without a ledger in Redis, a refund later waiters counted on stays taken (strict side)."""
+    async with RedisTokenBucket(redis_url, _name(), rate=2, burst=1) as bucket:
+        await bucket.acquire()
+        middle = await bucket.reserve()
+        last = await bucket.reserve()
+        assert last.delay == pytest.approx(1.0, abs=TOLERANCE)
+        assert await middle.cancel()  # `last` was scheduled after it: nothing goes back
+        assert (await bucket.reserve(max_wait=0.0)).delay == pytest.approx(1.5, abs=TOLERANCE)
+        assert await last.cancel()  # the latest reservation: its own slot goes back
+        assert (await bucket.reserve(max_wait=0.0)).delay == pytest.approx(1.0, abs=TOLERANCE)
+        await bucket.reset()
+
+
 async def test_cancelled_waiter_task_returns_its_tokens(redis_url: str) -> None:
     """A task cancelled while it sleeps on its reservation gives the tokens back."""
     async with RedisTokenBucket(redis_url, _name(), rate=2, burst=1) as bucket:
