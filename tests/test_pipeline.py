@@ -523,6 +523,31 @@ async def test_bare_async_for_break_cancels_stages() -> None:
     assert closed
 
 
+async def test_exception_in_bare_async_for_body_cancels_stages() -> None:
+    """An exception escaping a bare async for drops the iterator, which cancels the
+    stages at once, without scheduling a task of its own."""
+
+    async def consume() -> None:
+        async for item in Pipeline(agen(100, 0.5)).map(double, workers=2):
+            if item == 4:
+                raise LookupError("consumer bug")
+
+    with pytest.raises(LookupError):
+        await consume()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == 1
+
+
+async def test_iterator_never_iterated_starts_nothing() -> None:
+    """aiter() alone starts no stage; dropping it leaves nothing behind."""
+    iterator = aiter(Pipeline(agen(10)).map(double))
+    assert len(asyncio.all_tasks()) == 1
+    del iterator
+    await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == 1
+
+
 async def test_iterator_aclose_awaits_teardown() -> None:
     """aclose() on the iterator cancels and awaits every stage; further next() ends."""
     iterator = aiter(Pipeline(agen(1000, 0.1)).map(double))

@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import math
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
-    Iterator,
 )
 from typing import Any, Generic, TypeVar, overload
 
@@ -21,6 +21,7 @@ from .._retry import Retry
 from ._executors import Executor, resolve_executor
 from ._graph import MergeNode, Node, SourceNode, StageNode, StageSpec, TeeBranch, TeeNode
 from ._runtime import Run
+from ._sink import iterate
 from ._stats import FailedItem, OnError, PipelineStatistics
 
 __all__ = ["Pipeline", "merge"]
@@ -434,29 +435,32 @@ class Pipeline(Generic[_T]):
         """:meth:`run` for synchronous programs: a new event loop, run to the end."""
         return asyncio.run(self.run(progress=progress, total=total))
 
-    def __aiter__(self) -> PipelineIterator[_T]:
+    def __aiter__(self) -> AsyncGenerator[_T, None]:
         """Iterate the items that reach the end (``async for item in pipeline``).
 
-        Cancellation while waiting for an item cancels and awaits every stage. Leaving
-        the loop early (``break``, an exception in the body) cannot be awaited by an
-        iterator: the stages are cancelled when the iterator is dropped (at once in
-        CPython) and finish on the next turns of the loop. Use :meth:`stream` when
-        the stages must be gone before the next line runs.
+        The run starts on the first iteration. Cancellation while waiting for an item,
+        and ``aclose()``, cancel and await every stage. Leaving the loop early
+        (``break``, an exception in the body) cancels every stage when the iterator is
+        dropped (at once, in CPython); they finish on the next turns of the loop. Use
+        :meth:`stream` when they must be gone before the next line runs.
         """
-        return PipelineIterator(self._start())
+        generator, _state = iterate(self._start)
+        return generator
 
     @contextlib.asynccontextmanager
-    async def stream(self) -> AsyncIterator[PipelineIterator[_T]]:
+    async def stream(self) -> AsyncIterator[AsyncGenerator[_T, None]]:
         """``async with pipeline.stream() as items: async for item in items: ...``
 
         On leaving the block (normally, by ``break``, by an exception or by
         cancellation) every stage has been cancelled and awaited.
         """
-        iterator: PipelineIterator[_T] = PipelineIterator(self._start())
+        generator, state = iterate(self._start)
         try:
-            yield iterator
+            yield generator
         finally:
-            await iterator.aclose()
+            await generator.aclose()
+            if state.run is not None:
+                await state.run.aclose()
 
     def statistics(self) -> PipelineStatistics:
         """Per-stage statistics of the current or latest run of this object."""
@@ -468,72 +472,6 @@ class Pipeline(Generic[_T]):
 
     def __repr__(self) -> str:
         return f"Pipeline(chunk_size={self._chunk_size}, buffer={self._buffer})"
-
-
-class PipelineIterator(Generic[_T]):
-    """The async iterator over a running pipeline's output (see ``Pipeline.__aiter__``).
-
-    Hands out the items of the current chunk without touching the channel; fetches
-    the next chunk only when it runs out. Owns the run: :meth:`aclose` cancels and
-    awaits every stage; dropping an unclosed iterator cancels them without waiting.
-    """
-
-    __slots__ = ("_closed", "_items", "_run")
-
-    def __init__(self, run: Run) -> None:
-        self._run = run
-        self._items: Iterator[Any] = iter(())
-        self._closed = False
-
-    def __aiter__(self) -> PipelineIterator[_T]:
-        return self
-
-    async def __anext__(self) -> _T:
-        for item in self._items:
-            return item  # type: ignore[no-any-return]
-        return await self._next_chunk()
-
-    async def _next_chunk(self) -> _T:
-        run = self._run
-        if self._closed:
-            raise StopAsyncIteration
-        channel = run.output.channel
-        try:
-            while True:
-                try:
-                    chunk = channel.receive_nowait()
-                except WouldBlock:
-                    try:
-                        chunk = await channel.receive()
-                    except EndOfChannel:
-                        break
-                except EndOfChannel:
-                    break
-                if run.error is not None:
-                    break
-                if chunk:
-                    run.items_out += len(chunk)
-                    self._items = iter(chunk)
-                    return next(self._items)  # type: ignore[no-any-return]
-            if run.error is None:
-                await run.wait()
-        except BaseException:
-            await self.aclose()
-            raise
-        await self.aclose()
-        if run.error is not None:
-            raise run.error
-        raise StopAsyncIteration
-
-    async def aclose(self) -> None:
-        """Cancel and await every stage (idempotent)."""
-        self._closed = True
-        self._items = iter(())
-        await self._run.aclose()
-
-    def __del__(self) -> None:
-        if not self._closed:
-            self._run.abandon()
 
 
 def _discard(chunk: list[Any]) -> None:
