@@ -21,6 +21,7 @@ The tree::
         ├── ClosedResourceError         use of a channel/broker/limiter after close()
         ├── RateLimitExceeded           the wait for tokens would pass the caller's deadline
         ├── SupervisorError             a supervisor gave up restarting a child
+        ├── PipelineError               a pipeline stage failed (stage and item in context)
         ├── MessagingError
         │   ├── BrokerError
         │   │   └── BrokerConnectionError(ConnectionError)
@@ -61,6 +62,7 @@ __all__ = [
     "InternalError",
     "InvalidMessage",
     "MessagingError",
+    "PipelineError",
     "PublishError",
     "RateLimitExceeded",
     "SupervisorError",
@@ -349,6 +351,23 @@ class SupervisorError(HeadraceError):
     """A supervisor stopped restarting children and gave up; see ``context``."""
 
     default_code = "supervisor_gave_up"
+
+
+class PipelineError(HeadraceError):
+    """A pipeline stage failed: ``context`` names the ``stage`` and the ``item``.
+
+    The stage function's own exception is ``__cause__`` (a :class:`DeadlineExceeded`
+    for a per-item timeout); ``transient`` is copied from it when it is a headrace
+    error. Raised by every sink of a :class:`~headrace.Pipeline`.
+    """
+
+    default_code = "pipeline_stage_failed"
+    default_public_message = "A batch job step failed."
+
+    @property
+    def stage(self) -> str:
+        """The name of the stage that failed."""
+        return str(self.context.get("stage"))
 
 
 class MessagingError(HeadraceError):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._channel import Channel
-from .._errors import HeadraceError
+from .._errors import PipelineError
 
 __all__ = [
     "FailedItem",
@@ -47,23 +47,6 @@ class FailedItem:
     stage: str
     item: Any
     error: Exception
-
-
-class PipelineError(HeadraceError):
-    """A pipeline stage failed: ``context`` names the ``stage`` and the ``item``.
-
-    The stage function's own exception is ``__cause__`` (a :class:`DeadlineExceeded`
-    for a per-item timeout). ``transient`` is copied from it when it is a headrace
-    error. Raised by every sink (``async for``, ``collect()``, ``run()``).
-    """
-
-    default_code = "pipeline_stage_failed"
-    default_public_message = "A batch job step failed."
-
-    @property
-    def stage(self) -> str:
-        """The name of the stage that failed."""
-        return str(self.context.get("stage"))
 
 
 @dataclass(frozen=True, slots=True)
