@@ -1,4 +1,4 @@
-"""Per-stage counters, their frozen snapshots, error policies and the pipeline error."""
+"""Per-stage counters, their frozen snapshots, and the error policies."""
 
 from __future__ import annotations
 
