@@ -44,7 +44,13 @@ _CHECKPOINT_MASK = CHECKPOINT_EVERY - 1
 
 @dataclass(frozen=True, slots=True)
 class ChannelStatistics:
-    """A snapshot of a channel's state (see :meth:`Channel.statistics`)."""
+    """A snapshot of a channel's state (see :meth:`Channel.statistics`).
+
+    ``buffered``: items waiting to be received; ``open_senders``: handles (the channel
+    and its clones) not closed yet; ``waiting_senders``/``waiting_receivers``: tasks
+    blocked in ``send()``/``receive()``; ``items_sent``/``items_received``: totals
+    since creation; ``closed``: whether the last handle has been closed.
+    """
 
     capacity: int
     buffered: int
