@@ -7,6 +7,7 @@ Timings are real: "not before" is checked exactly, "soon after" with ``SLACK``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 
 from headrace import BrokerConnectionError, ConfigurationError
 from headrace.messaging import Message, OutgoingMessage, open_broker
@@ -399,3 +401,40 @@ async def test_large_batches_with_short_leases(redis_url: str, prefix: str) -> N
         again = await broker.fetch("jobs", 2500, timeout=1.0, lease=5.0)
         assert [(m.id, m.attempt) for m in again] == [(i, 1) for i in ids]
         await broker.ack(again)
+
+
+async def test_busy_consumer_picks_up_a_hand_back_within_the_reclaim_interval(
+    redis_url: str, prefix: str
+) -> None:
+    """A consumer reading a busy stream still serves another's hand-back within the interval."""
+    async with (
+        RedisBroker(redis_url, prefix=prefix, consumer="leaving") as leaving,
+        RedisBroker(redis_url, prefix=prefix, consumer="busy", reclaim_interval=0.1) as busy,
+    ):
+        [first_id] = await leaving.publish("jobs", [OutgoingMessage(b"first")])
+        [first] = await leaving.fetch("jobs", 1, timeout=1.0, lease=30.0)
+        await leaving.publish("jobs", numbered(2000))
+        await busy.ack(await busy.fetch("jobs", 10, timeout=1.0, lease=30.0))
+        handed_at = time.monotonic()
+        await leaving.hand_back([first])
+        while True:
+            batch = await busy.fetch("jobs", 10, timeout=1.0, lease=30.0)
+            assert batch
+            await busy.ack(batch)
+            found = [m for m in batch if m.id == first_id]
+            if found:
+                break
+        assert time.monotonic() - handed_at < 0.1 + SLACK
+        assert found[0].attempt == 1
+
+
+async def test_unclosed_broker_warns(redis_url: str, prefix: str) -> None:
+    """A connected broker dropped without close() emits a ResourceWarning."""
+    # Our own client, closed by the test, so that only the broker's warning is seen.
+    client = redis.asyncio.Redis.from_url(redis_url)
+    brokers = [RedisBroker(redis_url, prefix=prefix, client=client)]
+    await brokers[0].connect()
+    with pytest.warns(ResourceWarning, match="unclosed RedisBroker"):
+        brokers.clear()
+    gc.collect()
+    await client.aclose()

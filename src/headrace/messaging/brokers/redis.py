@@ -61,6 +61,7 @@ import math
 import os
 import secrets
 import socket
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -387,6 +388,16 @@ class RedisBroker:
         self._connected = False
         self._closed = False
         self._close_waiters: set[asyncio.Future[None]] = set()
+
+    def __del__(self) -> None:
+        # getattr: __init__ may have failed before setting the attributes.
+        if getattr(self, "_connected", False) and not getattr(self, "_closed", True):
+            warnings.warn(
+                f"unclosed {self!r}: call await broker.close() (or use async with)",
+                ResourceWarning,
+                stacklevel=2,
+                source=self,
+            )
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBroker:
