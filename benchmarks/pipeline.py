@@ -136,11 +136,6 @@ async def with_aiostream(items: int, fan_out: int) -> int:
 
 async def with_headrace(items: int, fan_out: int) -> int:
     total = 0
-
-    def add(chunk: int) -> None:
-        nonlocal total
-        total += chunk
-
     pipeline = Pipeline(range(items)).map(stage_a, workers=fan_out).map(stage_b).map(stage_c)
     async for item in pipeline:
         total += item
