@@ -46,6 +46,7 @@ How the contract maps onto Redis (keys for topic ``jobs`` with the default prefi
 * ``dead_letter`` moves the entry to the stream ``:dead`` with the JSON error record,
   atomically; ``replay_dead_letters`` adds them back as fresh messages (same id).
 
+Standalone Redis or a Sentinel-managed primary (pass ``client=``); not Redis Cluster.
 One consumer group per stream: a delayed retry or a replay re-adds the entry, which a
 second group would see as a new message. Every operation that checks ownership does
 so against the delivery it was given: a nack, hand-back, dead-letter or lease extension
@@ -453,8 +454,9 @@ class RedisBroker:
     def _check_lease_bound(self, lease: float, where: str) -> float:
         if lease > self._max_lease:
             raise ConfigurationError(
-                f"{where}={lease!r} exceeds this broker's max_lease={self._max_lease!r} "
-                "(raise max_lease on every consumer of the stream)",
+                f"{where}={lease!r} exceeds this broker's max_lease={self._max_lease!r}; "
+                "raise it on every consumer of the stream (RedisBroker(max_lease=...) or "
+                "?max_lease=... in the URL)",
                 code="invalid_lease",
             )
         return lease
@@ -520,17 +522,17 @@ class RedisBroker:
                 waiter.set_result(None)
         try:
             if self._connected:
-                for state in self._topics.values():
-                    if not state.group_ready:
-                        continue
-                    try:
-                        # Hygiene: default (random) consumer names would pile up in the
-                        # group; one that still holds messages must stay.
-                        await self._release_script(
-                            keys=[state.keys.stream], args=[self._group, self._consumer]
-                        )
-                    except (redis_errors.RedisError, OSError):
-                        break
+                # Hygiene, bounded so that a hung server cannot hold up a shutdown: default
+                # (random) consumer names would pile up in the group; one that still
+                # holds messages must stay.
+                async with asyncio.timeout(_CLEANUP_TIMEOUT):
+                    for state in self._topics.values():
+                        if state.group_ready:
+                            await self._release_script(
+                                keys=[state.keys.stream], args=[self._group, self._consumer]
+                            )
+        except (redis_errors.RedisError, OSError, TimeoutError):
+            pass
         finally:
             if self._owns_client:
                 with self._translated("close"):
@@ -620,7 +622,12 @@ class RedisBroker:
         clock = self._clock
         deadline = clock.now() + timeout
         while True:
-            step = await self._step_cancel_safe(topic, state, max_messages, float(lease))
+            try:
+                step = await self._step_cancel_safe(topic, state, max_messages, float(lease))
+            except BrokerError:
+                # close() pulled the connection from under this fetch: say so.
+                self._check_open("fetch")
+                raise
             if step.messages:
                 return step.messages
             now = clock.now()
