@@ -328,6 +328,7 @@ async def test_failure_propagates_with_stage_and_item() -> None:
     assert error.context["item"] == 3
     assert isinstance(error.__cause__, ValueError)
     assert error.code == "pipeline_stage_failed"
+    assert error.kind == "bug"  # a plain ValueError escaping user code
     assert "parse" in str(error)
     assert "3" in str(error)
 
@@ -461,6 +462,7 @@ async def test_timeout_per_item(clock: Clock) -> None:
         await Pipeline(range(3)).map(hangs_on_1, timeout=2.0).collect()
     assert isinstance(caught.value.__cause__, DeadlineExceeded)
     assert caught.value.transient  # copied from the DeadlineExceeded
+    assert caught.value.kind == "expected"
 
 
 async def test_failing_dead_letter_sink_fails_the_pipeline() -> None:

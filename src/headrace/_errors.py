@@ -357,8 +357,9 @@ class PipelineError(HeadraceError):
     """A pipeline stage failed: ``context`` names the ``stage`` and the ``item``.
 
     The stage function's own exception is ``__cause__`` (a :class:`DeadlineExceeded`
-    for a per-item timeout); ``transient`` is copied from it when it is a headrace
-    error. Raised by every sink of a :class:`~headrace.Pipeline`.
+    for a per-item timeout); ``transient`` and ``kind`` are copied from it when it is
+    a headrace error, and ``kind="bug"`` otherwise (an exception nobody anticipated
+    escaped the stage function). Raised by every sink of a :class:`~headrace.Pipeline`.
     """
 
     default_code = "pipeline_stage_failed"

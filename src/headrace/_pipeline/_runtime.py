@@ -16,7 +16,7 @@ from typing import Any
 
 from .._channel import Channel
 from .._clock import Clock
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, HeadraceError
 from ._executors import StageCall, make_call, resolve_executor
 from ._graph import MergeNode, Node, SourceNode, StageNode, StageSpec, TeeBranch, TeeNode
 from ._ordering import FanOut
@@ -244,6 +244,7 @@ class Run:
                 exc,
                 f"stage {stage!r} failed: {type(exc).__name__}: {exc}",
                 context={"stage": stage},
+                kind=exc.kind if isinstance(exc, HeadraceError) else "bug",
             )
         self.error = exc
         for other in self._tasks:

@@ -71,12 +71,14 @@ class ErrorHandler:
         self.counters.errors += 1
         policy = self.policy
         if policy is OnError.FAIL:
-            transient = exc.transient if isinstance(exc, HeadraceError) else None
+            # A headrace error says itself whether it was expected and may pass on a
+            # retry; anything else escaping the user's function is a bug to look at.
             error = PipelineError(
                 f"stage {self.stage!r} failed on item {describe(item)}: "
                 f"{type(exc).__name__}: {exc}",
                 context={"stage": self.stage, "item": item},
-                transient=transient,
+                transient=exc.transient if isinstance(exc, HeadraceError) else None,
+                kind=exc.kind if isinstance(exc, HeadraceError) else "bug",
             )
             raise error from exc
         failed = FailedItem(self.stage, item, exc)
