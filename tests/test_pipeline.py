@@ -377,6 +377,40 @@ async def test_async_source_that_raises_mid_stream() -> None:
     assert seen == [2]
 
 
+async def test_failure_in_one_merged_input_stops_the_others(clock: Clock) -> None:
+    """merge(): one input failing cancels the other (endless) input; nothing hangs."""
+
+    async def endless() -> AsyncIterator[int]:
+        while True:
+            await asyncio.sleep(1.0)
+            yield 0
+
+    async def fails_at_3(x: int) -> int:
+        await asyncio.sleep(1.0)
+        if x == 3:
+            raise ValueError("bad")
+        return x
+
+    merged = merge(Pipeline(endless()), Pipeline(range(10)).map(fails_at_3, name="checked"))
+    with pytest.raises(PipelineError) as caught:
+        await merged.run()
+    assert caught.value.stage == "checked"
+    assert clock.now() == 4.0
+
+
+async def test_failure_after_tee_stops_both_branches() -> None:
+    """A failing branch of a tee fails the whole run, with that branch's stage named."""
+
+    async def fail_on_2(x: int) -> int:
+        if x == 2:
+            raise RuntimeError("branch b")
+        return x
+
+    left, right = Pipeline(agen(50, 0.1)).tee(2)
+    with pytest.raises(PipelineError, match="branch b"):
+        await merge(left.map(double), right.map(fail_on_2, name="b")).collect()
+
+
 async def test_skip_records_failures() -> None:
     """on_error='skip' drops failed items, counts them, and keeps them in statistics."""
 
