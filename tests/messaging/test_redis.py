@@ -373,6 +373,8 @@ def test_url_options_and_open_broker(redis_url: str) -> None:
         RedisBroker(redis_url, lease=10.0, max_lease=5.0)
     with pytest.raises(ConfigurationError, match="group"):
         RedisBroker(redis_url, group="")
+    with pytest.raises(ConfigurationError, match="poll_interval"):
+        RedisBroker(redis_url, poll_interval=0.1)
 
 
 async def test_lease_above_max_lease_is_refused(redis_url: str, prefix: str) -> None:

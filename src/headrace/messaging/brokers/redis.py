@@ -367,6 +367,10 @@ class RedisBroker:
         if client is None:
             try:
                 client = aioredis.from_url(redis_url, **redis_options)
+                # redis-py builds connections lazily: make one (no I/O) so that an
+                # unknown option fails here, not at the first command.
+                pool = client.connection_pool
+                pool.connection_class(**pool.connection_kwargs)
             except (ValueError, TypeError) as exc:
                 raise ConfigurationError(
                     f"broker URL {redact(url)!r} is not a valid Redis URL: {redact(str(exc))}",
