@@ -440,3 +440,44 @@ async def test_unclosed_broker_warns(redis_url: str, prefix: str) -> None:
         brokers.clear()
     gc.collect()
     await client.aclose()
+
+
+_CRASHING_CONSUMER = """
+import asyncio, sys
+from headrace.messaging.brokers.redis import RedisBroker
+
+async def main():
+    broker = RedisBroker(sys.argv[1], prefix=sys.argv[2], consumer="worker-1")
+    got = await broker.fetch("jobs", 100, timeout=5.0, lease=30.0)
+    print(len(got), flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_kill_9_loses_nothing_and_the_same_name_recovers_at_once(
+    redis_url: str, prefix: str
+) -> None:
+    """A consumer process killed with SIGKILL: its restart re-reads every message at once."""
+    async with RedisBroker(redis_url, prefix=prefix) as producer:
+        ids = await producer.publish("jobs", numbered(20))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _CRASHING_CONSUMER,
+        redis_url,
+        prefix,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), timeout=20.0)
+        assert line.strip() == b"20"
+    finally:
+        process.kill()
+        await process.wait()
+    async with RedisBroker(redis_url, prefix=prefix, consumer="worker-1") as restarted:
+        again = await restarted.fetch("jobs", 100, timeout=0, lease=30.0)
+        assert [(m.id, m.attempt) for m in again] == [(i, 2) for i in ids]
+        await restarted.ack(again)
