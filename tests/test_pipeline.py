@@ -213,6 +213,34 @@ async def test_fan_out_runs_workers_concurrently(clock: Clock) -> None:
     assert clock.now() == 2.0
 
 
+async def test_fan_out_keeps_every_worker_busy_on_a_trickle(clock: Clock) -> None:
+    """Items arriving one by one each start at once on an idle worker (no worker
+    sleeps while input waits), so the last of 10 finishes 1 s after it arrived."""
+    finished: list[float] = []
+
+    async def one_second(x: int) -> int:
+        await asyncio.sleep(1.0)
+        finished.append(clock.now())
+        return x
+
+    result = await Pipeline(agen(10, 0.1)).map(one_second, workers=10).collect()
+    assert result == list(range(10))
+    assert finished == pytest.approx([1.1 + 0.1 * i for i in range(10)])
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_fan_out_saturates_workers_with_a_burst(clock: Clock, ordered: bool) -> None:
+    """100 one-second items on 10 workers take exactly 10 s, ordered or not."""
+
+    async def one_second(x: int) -> int:
+        await asyncio.sleep(1.0)
+        return x
+
+    result = await Pipeline(range(100)).map(one_second, workers=10, ordered=ordered).collect()
+    assert sorted(result) == list(range(100))
+    assert clock.now() == 10.0
+
+
 async def test_unordered_fan_out_emits_in_completion_order(clock: Clock) -> None:
     """ordered=False yields items as they finish."""
 

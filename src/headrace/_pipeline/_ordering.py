@@ -117,7 +117,19 @@ class FanOut:
             if items and self._taken - self._released < self._window:
                 seq = self._taken
                 self._taken = seq + 1
-                return seq, items.popleft()
+                item = items.popleft()
+                if (
+                    self._waiters
+                    and (items or not self._ended)
+                    and seq + 1 - self._released < self._window
+                ):
+                    # Chain wake-up: each worker that gets an item wakes one more while
+                    # there may be work (items here, or more to fetch), so N workers
+                    # start within N turns, one of them always watches the input, and
+                    # a stage whose first worker does everything (a trivial fn) wakes
+                    # one sleeper per window instead of all of them.
+                    _wake(self._waiters, 1)
+                return seq, item
             if not items and self._ended:
                 raise EndOfChannel
             if items or self._fetching:
@@ -141,10 +153,7 @@ class FanOut:
                 self._fetching = False
             self.counters.items_in += len(chunk)
             items.extend(chunk)
-            # The fetcher takes one item itself; wake one sleeper per other item plus
-            # one more, who becomes the next fetcher if the chunk runs out, so idle
-            # workers never sleep while input waits in the channel.
-            _wake(self._waiters, len(chunk))
+            # No wake-up here: the fetcher loops, takes an item and starts the chain.
 
     # -- workers -----------------------------------------------------------------
 
@@ -249,7 +258,7 @@ class FanOut:
                             buffer.append(value)
             if released:
                 self._released += released
-                _wake(self._waiters, released)
+                _wake(self._waiters, 1)  # the window moved: start a chain (see _take)
             if len(buffer) >= chunk_size:
                 counters.items_out += len(buffer)
                 await emit(output, buffer)
