@@ -53,6 +53,11 @@ logger = logging.getLogger("headrace.hedge")
 # end, so that they are neither garbage-collected while pending nor silently lost.
 _STRAGGLERS: set[asyncio.Task[Any]] = set()
 
+# A timer may fire a hair before the float time it was set for (the loop's clock
+# resolution; a virtual loop rounds to microseconds). Within this margin a hedge is due;
+# without it the timer would be re-armed for a time that already counts as "now".
+_EPSILON = 1e-6
+
 
 class LatencyTracker:
     """The last ``window`` latencies (seconds) and their percentiles.
@@ -423,7 +428,11 @@ class HedgePolicy:
                     last_error = exc
                     owed += 1
                 now = clock.now()
-                while len(tasks) < attempts and not refused and (owed > 0 or now >= next_hedge):
+                while (
+                    len(tasks) < attempts
+                    and not refused
+                    and (owed > 0 or now >= next_hedge - _EPSILON)
+                ):
                     if spend is not None and not spend():
                         self._budget_denied += 1
                         refused = True
