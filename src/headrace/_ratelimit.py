@@ -265,7 +265,8 @@ class TokenBucket:
     is in tokens per second and must be > 0; ``math.inf`` disables limiting (every call
     succeeds at once). ``burst`` (>= 1) is the most tokens one call may ask for and the
     most that accumulate while idle; asking for 0 tokens always succeeds at once.
-    ``initial`` is the level at creation (default: a full bucket). ``clock`` defaults to the running loop's clock; tests pass a virtual one.
+    ``initial`` is the level at creation (default: a full bucket). ``clock`` defaults to
+    the running loop's clock; tests pass a virtual one.
 
     Safe to share between tasks of one event loop (no locks: every decision is made
     synchronously, and waiting is a single sleep). Not thread-safe. Use a
