@@ -413,11 +413,13 @@ class Pipeline(Generic[_T]):
         counts) on ``console`` (default: stderr's terminal); ``total`` is the expected
         number of items at the sink, if known, for a percentage and an ETA.
         """
+        if progress:
+            from ._progress import require_rich, show_progress
+
+            require_rich()  # fail before any stage starts, not after the run
         run = self._start()
         reporter: asyncio.Task[None] | None = None
         if progress:
-            from ._progress import show_progress
-
             reporter = asyncio.create_task(
                 show_progress(run, total=total, clock=run.clock, console=console),
                 name="headrace.pipeline:progress",

@@ -9,7 +9,7 @@ from .._clock import Clock
 from .._errors import ConfigurationError
 from ._runtime import Run
 
-__all__ = ["show_progress"]
+__all__ = ["require_rich", "show_progress"]
 
 
 def _describe_stages(run: Run) -> str:
@@ -24,6 +24,17 @@ def _describe_stages(run: Run) -> str:
     return " → ".join(parts)
 
 
+def require_rich() -> None:
+    """Raise a clear error if the optional rich package is missing."""
+    try:
+        import rich  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on installed extras
+        raise ConfigurationError(
+            "run(progress=True) needs the rich package: pip install 'headrace[progress]'",
+            code="missing_dependency",
+        ) from exc
+
+
 async def show_progress(
     run: Run, *, total: int | None, clock: Clock, interval: float = 0.2, console: Any = None
 ) -> None:
@@ -32,21 +43,16 @@ async def show_progress(
     ``total`` (items expected at the sink) gives a percentage and an ETA; without it the
     bar shows a count and a rate. Cancel the task to stop; the final state is drawn.
     """
-    try:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TaskProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-    except ImportError as exc:  # pragma: no cover - depends on installed extras
-        raise ConfigurationError(
-            "run(progress=True) needs the rich package: pip install 'headrace[progress]'",
-            code="missing_dependency",
-        ) from exc
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     progress = Progress(
         TextColumn("[bold]pipeline"),
         BarColumn(),
