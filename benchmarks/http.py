@@ -177,18 +177,22 @@ CLIENTS: dict[str, Callable[[str, int], Awaitable[int]]] = {
 
 
 def client(name: str, url: str, n: int) -> None:
-    """Run one trial; print {ok, seconds, rss_mb} as JSON."""
+    """Run one trial; print {ok, seconds, cpu_us (client CPU per request), rss_mb} as JSON."""
     # Import before the clock starts: import time is not what B6 measures.
     import aiohttp  # noqa: F401
     import httpx  # noqa: F401
 
     import headrace.http  # noqa: F401
 
+    cpu_started = time.process_time()
     started = time.perf_counter()
     ok = asyncio.run(CLIENTS[name](url, n))
     seconds = time.perf_counter() - started
+    cpu_us = (time.process_time() - cpu_started) / n * 1e6
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"ok": ok, "seconds": seconds, "rss_mb": rss_mb}), flush=True)
+    print(
+        json.dumps({"ok": ok, "seconds": seconds, "cpu_us": cpu_us, "rss_mb": rss_mb}), flush=True
+    )
 
 
 # -- the orchestra -------------------------------------------------------------------------
@@ -287,13 +291,14 @@ def main() -> None:
         f"{args.rounds} interleaved rounds ({args.requests} requests; client/request: "
         f"{args.naive_requests})\n"
     )
-    header = f"{'client':22s} {'req/s':>8s} {'ok':>6s} {'conns accepted':>15s} {'TIME-WAIT':>10s} {'peak RSS MB':>12s}"
+    header = f"{'client':22s} {'req/s':>8s} {'CPU us/req':>11s} {'ok':>6s} {'conns accepted':>15s} {'TIME-WAIT':>10s} {'peak RSS MB':>12s}"
     print(header)
     print("-" * len(header))
     for name in names:
         trials = rows[name]
         entry = {
             "rps_median": statistics.median(t["rps"] for t in trials),
+            "cpu_us_median": statistics.median(t["cpu_us"] for t in trials),
             "ok_min": min(t["ok"] for t in trials),
             "requests": trials[0]["requests"],
             "accepted_max": max(t["accepted"] for t in trials),
@@ -303,11 +308,13 @@ def main() -> None:
         }
         summary["clients"][name] = entry
         print(
-            f"{name:22s} {entry['rps_median']:8.0f} {int(entry['ok_min']):>6d} "
+            f"{name:22s} {entry['rps_median']:8.0f} {entry['cpu_us_median']:11.1f} "
+            f"{int(entry['ok_min']):>6d} "
             f"{int(entry['accepted_max']):>15d} {int(entry['time_wait_max']):>10d} "
             f"{entry['rss_mb_max']:>12.1f}"
         )
     ratios: dict[str, float] = {}
+    cpu_ratios: dict[str, float] = {}
     for mine in ("headrace fetch_all", "headrace fetch x500"):
         for base in ("aiohttp+sem", "httpx+sem", "client/request"):
             if mine in rows and base in rows:
@@ -315,11 +322,18 @@ def main() -> None:
                     a["rps"] / b["rps"] for a, b in zip(rows[mine], rows[base], strict=True)
                 ]
                 ratios[f"{mine} / {base}"] = statistics.median(per_round)
+                cpu_rounds = [
+                    a["cpu_us"] / b["cpu_us"] for a, b in zip(rows[mine], rows[base], strict=True)
+                ]
+                cpu_ratios[f"{mine} / {base}"] = statistics.median(cpu_rounds)
     if ratios:
-        print("\nmedian per-round ratios (req/s):")
+        print(
+            "\nmedian per-round ratios: req/s (higher is better), client CPU per request (lower is better)"
+        )
         for key, value in ratios.items():
-            print(f"  {key:45s} {value:6.2f}x")
+            print(f"  {key:45s} {value:6.2f}x   CPU {cpu_ratios[key]:5.2f}x")
     summary["ratios"] = ratios
+    summary["cpu_ratios"] = cpu_ratios
     out = Path(_HERE) / "results" / "http.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))

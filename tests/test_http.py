@@ -557,6 +557,7 @@ async def test_fetch_all_keeps_going_past_bad_urls() -> None:
             server.url("/ok?size=10"),
             "not a url",
             server.url("/status/404"),
+            "",
             Request(server.url("/echo"), method="POST", body=b"hi", tag="mine"),
         ]
         results = {result.index: result async for result in fetcher.fetch_all(requests)}
@@ -566,8 +567,10 @@ async def test_fetch_all_keeps_going_past_bad_urls() -> None:
     assert results[2].error is not None
     assert results[2].response is not None
     assert results[2].response.status == 404
-    assert results[3].unwrap().body == b"POST hi"
-    assert results[3].request.tag == "mine"
+    assert results[4].unwrap().body == b"POST hi"
+    assert results[4].request.tag == "mine"
+    assert results[3].error is not None
+    assert results[3].error.code == "http_invalid_url"
 
 
 @real_time

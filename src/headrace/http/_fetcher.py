@@ -192,6 +192,7 @@ class Fetcher:
         self._clock = clock or default_clock()
         self._retry_budget = retry_budget
         self._limiter_for = self._make_limiter_lookup(rate_limit, self._clock)
+        self._rate_limited = rate_limit is not None
 
         self._state = _State.NEW
         self._session: aiohttp.ClientSession | None = None
@@ -445,9 +446,10 @@ class Fetcher:
         :meth:`_release_slot`. Inlined rather than an ``async with`` helper: this is the
         hot path, and a generator-based context manager per request showed in B6.
         """
-        limiter = self._limiter_for(prepared.host)
-        if limiter is not None:
-            await limiter.acquire()
+        if self._rate_limited:
+            limiter = self._limiter_for(prepared.host)
+            if limiter is not None:
+                await limiter.acquire()
         slots = self._slots
         assert slots is not None
         host_slots = self._host_slot(prepared.host) if self.per_host is not None else None
@@ -477,6 +479,18 @@ class Fetcher:
         slots: asyncio.Semaphore,
     ) -> None:
         limit = self.timeouts.slot_wait
+        if limit is None:
+            # No bound: plain waits, no deadline scope (hundreds may queue here at once).
+            if host_slots is None:
+                await slots.acquire()
+                return
+            await host_slots.acquire()
+            try:
+                await slots.acquire()
+            except BaseException:
+                host_slots.release()
+                raise
+            return
         holding_host = False
         try:
             async with deadline(limit, cause="waiting for a connection slot", clock=self._clock):
@@ -522,7 +536,6 @@ class Fetcher:
         self._attempts += 1
         self._in_flight += 1
         # aiohttp's total timer starts here, after the slot: queueing is not counted.
-        begun = self._clock.now()
         try:
             try:
                 response = await session.request(
@@ -532,12 +545,12 @@ class Fetcher:
                 raise translate(exc, prepared, self.timeouts) from exc
             except TimeoutError as exc:
                 self._discarded += 1  # aiohttp closes the connection it was waiting on
-                raise self._total_timeout(prepared, begun, attempt) from exc
+                raise self._total_timeout(prepared, started, attempt) from exc
             except asyncio.CancelledError:
                 self._discarded += 1  # likewise (a lost hedge, a cancelled caller)
                 raise
             try:
-                body = await self._read_body(response, prepared, begun, attempt)
+                body = await self._read_body(response, prepared, started, attempt)
             except BaseException:
                 # Unknown amount left unread (cancelled, too large, broken): closing is
                 # the only state we can vouch for.
@@ -559,7 +572,7 @@ class Fetcher:
             attempts=attempt,
         )
 
-    def _total_timeout(self, prepared: Prepared, begun: float, attempt: int) -> DeadlineExceeded:
+    def _total_timeout(self, prepared: Prepared, started: float, attempt: int) -> DeadlineExceeded:
         request = prepared.request
         total = self.timeouts.total
         return DeadlineExceeded(
@@ -571,13 +584,14 @@ class Fetcher:
                 "url": prepared.url_text,
                 "phase": "total",
                 "timeout": total,
-                "elapsed": self._clock.now() - begun,
+                # Since the first attempt started (the hot path reads the clock once).
+                "elapsed": self._clock.now() - started,
                 "attempt": attempt,
             },
         )
 
     async def _read_body(
-        self, response: aiohttp.ClientResponse, prepared: Prepared, begun: float, attempt: int
+        self, response: aiohttp.ClientResponse, prepared: Prepared, started: float, attempt: int
     ) -> bytes:
         if prepared.request.method == "HEAD" or response.status in _NO_BODY_STATUSES:
             response.release()
@@ -603,7 +617,7 @@ class Fetcher:
             raise translate(exc, prepared, self.timeouts) from exc
         except TimeoutError as exc:
             # aiohttp's total timer also covers the body and raises a bare TimeoutError.
-            raise self._total_timeout(prepared, begun, attempt) from exc
+            raise self._total_timeout(prepared, started, attempt) from exc
         response.release()
         return b"".join(chunks)
 

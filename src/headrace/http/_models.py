@@ -38,6 +38,7 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
 _METHOD = re.compile(r"^[A-Z]+$")
+_COMMON_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Query parameters whose values are secrets (signed URLs, API keys, OAuth tokens).
 _SECRET_PARAM = re.compile(
     r"pass(word|wd)?|secret|token|api[_-]?key|^key$|auth|credential|signature|^sig$|session",
@@ -167,8 +168,12 @@ class Request:
     tag: Any = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.url, str) or not self.url:
-            raise ConfigurationError(f"Request(url={self.url!r}) must be a non-empty string")
+        if not isinstance(self.url, str):
+            # Only the type is checked here: a malformed URL string (even "") is a
+            # per-request failure (http_invalid_url) so that fetch_all can carry on.
+            raise ConfigurationError(f"Request(url={self.url!r}) must be a string")
+        if self.method in _COMMON_METHODS and (self.body is None or type(self.body) is bytes):
+            return  # the hot path: fetch_all makes one Request per URL string
         method = self.method.upper() if isinstance(self.method, str) else self.method
         if not isinstance(method, str) or not _METHOD.match(method):
             raise ConfigurationError(f"Request(method={self.method!r}) is not an HTTP method")
