@@ -39,6 +39,17 @@ from ._errors import WouldBlock as WouldBlock
 from ._errors import error_boundary as error_boundary
 from ._errors import redact as redact
 from ._errors import translate_errors as translate_errors
+from ._heartbeat import Heartbeat as Heartbeat
+from ._heartbeat import HeartbeatStatistics as HeartbeatStatistics
+from ._heartbeat import Pulse as Pulse
+from ._hedge import HedgeBudget as HedgeBudget
+from ._hedge import HedgePolicy as HedgePolicy
+from ._hedge import HedgeStatistics as HedgeStatistics
+from ._hedge import LatencyTracker as LatencyTracker
+from ._hedge import LoadBudget as LoadBudget
+from ._hedge import PercentileDelay as PercentileDelay
+from ._hedge import first_completed as first_completed
+from ._hedge import hedge as hedge
 from ._pipeline import FailedItem as FailedItem
 from ._pipeline import OnError as OnError
 from ._pipeline import Pipeline as Pipeline
@@ -55,6 +66,10 @@ from ._ratelimit_redis import RedisMultiLimiter as RedisMultiLimiter
 from ._ratelimit_redis import RedisTokenBucket as RedisTokenBucket
 from ._retry import Retry as Retry
 from ._retry import RetryBudget as RetryBudget
+from ._supervise import ChildContext as ChildContext
+from ._supervise import ChildStatistics as ChildStatistics
+from ._supervise import Supervisor as Supervisor
+from ._supervise import SupervisorStatistics as SupervisorStatistics
 
 __version__ = "0.1.0.dev0"
 
@@ -64,6 +79,8 @@ __all__ = [
     "CancelToken",
     "Channel",
     "ChannelStatistics",
+    "ChildContext",
+    "ChildStatistics",
     "Clock",
     "ClosedResourceError",
     "Compensation",
@@ -74,20 +91,29 @@ __all__ = [
     "EndOfChannel",
     "FailedItem",
     "HeadraceError",
+    "Heartbeat",
+    "HeartbeatStatistics",
+    "HedgeBudget",
+    "HedgePolicy",
+    "HedgeStatistics",
     "HttpError",
     "HttpStatusError",
     "HttpTransportError",
     "InternalError",
     "InvalidMessage",
     "KeyedLimiter",
+    "LatencyTracker",
+    "LoadBudget",
     "MessagingError",
     "MonotonicClock",
     "MultiLimiter",
     "OnError",
+    "PercentileDelay",
     "Pipeline",
     "PipelineError",
     "PipelineStatistics",
     "PublishError",
+    "Pulse",
     "RateLimitExceeded",
     "RateLimiterStatistics",
     "RedisMultiLimiter",
@@ -96,13 +122,17 @@ __all__ = [
     "Retry",
     "RetryBudget",
     "StageStatistics",
+    "Supervisor",
     "SupervisorError",
+    "SupervisorStatistics",
     "TokenBucket",
     "WouldBlock",
     "current_cancel_token",
     "deadline",
     "default_clock",
     "error_boundary",
+    "first_completed",
+    "hedge",
     "merge",
     "redact",
     "run_in_thread",
