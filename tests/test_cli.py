@@ -1,0 +1,145 @@
+"""The ``headrace`` command: worker, publish, dlq list/replay, errors, Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from headrace.cli import load_worker, main
+from headrace.messaging import Message, SqliteBroker, Worker
+
+APP = """
+from headrace import InvalidMessage
+from headrace.messaging import Message, Worker
+
+worker = Worker("memory://unused", ack_interval=0.01)
+seen = []
+
+@worker.handler("jobs", concurrency=4)
+async def handle(message: Message) -> None:
+    if message.body.startswith(b"bad"):
+        raise InvalidMessage(f"cannot read {message.body!r}")
+    if message.body == b"slow":
+        import asyncio
+        await asyncio.sleep(60)
+    seen.append(message.body)
+
+def make_worker() -> Worker:
+    return worker
+"""
+
+
+PLAIN = ["--plain", "--progress-interval", "0.1"]
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Path:
+    """A worker module file (a unique name, since the CLI imports it by file)."""
+    path = tmp_path / f"cli_app_{tmp_path.name}.py"
+    path.write_text(textwrap.dedent(APP))
+    return path
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'cli.db'}"
+
+
+def stored(url: str) -> list[Message]:
+    async def go() -> list[Message]:
+        async with SqliteBroker(url.removeprefix("sqlite:///")) as broker:
+            return await broker.fetch("jobs", 1000, timeout=0, lease=60)
+
+    return asyncio.run(go())
+
+
+def test_publish_stores_the_bodies(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`headrace publish` stores each body (times --repeat) with key and headers."""
+    options = ["--broker", url, "--key", "k", "--header", "h=v", "--repeat", "2"]
+    code = main(["publish", "jobs", "a", "b", *options])
+    assert code == 0
+    assert "published 4 message(s)" in capsys.readouterr().err
+    messages = stored(url)
+    assert [m.body for m in messages] == [b"a", b"b", b"a", b"b"]
+    assert {(m.key, m.headers["h"]) for m in messages} == {("k", "v")}
+
+
+def test_worker_runs_until_idle_and_dlq_lists_and_replays(
+    app: Path, url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`headrace worker` handles the queue and exits 0 when idle; `dlq list` shows the
+    dead letter with its error id; `dlq replay` puts it back."""
+    assert main(["publish", "jobs", "ok1", "bad1", "ok2", "--broker", url]) == 0
+    code = main(["worker", f"{app}:worker", "--broker", url, "--exit-when-idle", "0.3", "--plain"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "done: handled 2" in err
+    assert "dead-lettered 1" in err
+
+    assert main(["dlq", "list", "jobs", "--broker", url, "--json"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    record = json.loads(line)
+    assert record["body"] == "bad1"
+    assert record["error"]["code"] == "invalid_message"
+    assert len(record["error"]["error_id"]) == 32
+
+    assert main(["dlq", "list", "jobs", "--broker", url]) == 0
+    assert record["error"]["error_id"] in capsys.readouterr().out
+
+    assert main(["dlq", "replay", "jobs", "--broker", url, "--id", record["id"]]) == 0
+    assert "replayed 1" in capsys.readouterr().err
+    assert [m.body for m in stored(url)] == [b"bad1"]
+
+
+def test_load_worker_accepts_a_factory(app: Path) -> None:
+    """A target naming a function that returns a Worker is called."""
+    assert isinstance(load_worker(f"{app}:make_worker"), Worker)
+
+
+def test_errors_exit_1_with_a_message(
+    app: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No broker, a missing file, or a non-worker target: exit 1 and say why."""
+    monkeypatch.delenv("HEADRACE_BROKER_URL", raising=False)
+    assert main(["publish", "jobs", "x"]) == 1
+    assert "no broker" in capsys.readouterr().err
+    assert main(["worker", f"{tmp_path / 'missing.py'}:worker"]) == 1
+    assert "no file" in capsys.readouterr().err
+    assert main(["worker", f"{app}:seen"]) == 1
+    assert "not a headrace Worker" in capsys.readouterr().err
+    assert main(["worker", f"{app}:worker", "--broker", "kafka://x"]) == 1
+    assert "unknown broker URL scheme" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_worker_cleanly(app: Path, url: str) -> None:
+    """SIGINT to `headrace worker`: exit 0, the in-flight message handed back at once."""
+    assert main(["publish", "jobs", "slow", "--broker", url]) == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "headrace.cli", "worker", f"{app}:worker", "--broker", url, *PLAIN],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if "in flight 1" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err[-2000:]
+    assert "handed back 1" in err
+    [message] = stored(url)
+    assert (message.body, message.attempt) == (b"slow", 1)
