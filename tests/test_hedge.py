@@ -346,3 +346,42 @@ def test_hedge_finishes_at_the_earliest_attempt_completion(
         expected = min(expected, start + latency_ms[number])
     assert finished == pytest.approx(expected / 1000)
     assert calls == launched
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    latencies=st.lists(st.integers(1, 300), min_size=3, max_size=3),
+    delay=st.integers(1, 100),
+    cancel_at=st.integers(1, 400),
+)
+def test_cancelling_a_hedge_at_any_time_leaves_nothing_behind(
+    latencies: list[int], delay: int, cancel_at: int
+) -> None:
+    """Cancelled at a random instant, a hedged call ends then with every attempt ended.
+
+    Times in ms: odd cancel instants against even latencies and delays, so no tie.
+    ``run`` fails the example if any task outlives it.
+    """
+    clock = VirtualClock()
+    cancel_ms = 2 * cancel_at + 1
+
+    async def main() -> tuple[str, float, Service]:
+        service = Service(clock, [2 * value / 1000 for value in latencies])
+        task = asyncio.create_task(
+            hedge(service, delay=2 * delay / 1000, max_attempts=3, clock=clock)
+        )
+        clock.call_at(cancel_ms / 1000, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled", clock.now(), service
+        return "answered", clock.now(), service
+
+    outcome, ended, service = run(main, clock=clock)
+    started = {number for event, number, _ in service.log if event == "start"}
+    finished = {number for event, number, _ in service.log if event in ("done", "cancelled")}
+    assert started == finished
+    if outcome == "cancelled":
+        assert ended == pytest.approx(cancel_ms / 1000)
+    else:
+        assert ended < cancel_ms / 1000

@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from headrace import (
     ClosedResourceError,
@@ -16,6 +18,7 @@ from headrace import (
 )
 from headrace._clock import Clock
 from headrace._supervise import ChildContext, Supervisor
+from headrace.testing import VirtualClock, run
 
 Events = list[tuple[str, str, float]]
 ChildFunction = Callable[[ChildContext], Awaitable[object]]
@@ -448,3 +451,56 @@ def test_bad_child_configuration(kwargs: dict[str, object], match: str) -> None:
 def test_heartbeat_timeout_error_is_a_deadline() -> None:
     """The error recorded for a silent child is a DeadlineExceeded (a TimeoutError)."""
     assert issubclass(DeadlineExceeded, TimeoutError)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    strategy=st.sampled_from(["one_for_one", "one_for_all", "rest_for_one"]),
+    plans=st.lists(st.lists(st.integers(1, 20), max_size=4), min_size=1, max_size=3),
+    cancel_at=st.integers(1, 60),
+    max_restarts=st.integers(0, 4),
+)
+def test_cancelling_a_supervisor_at_any_time_stops_every_child(
+    strategy: str, plans: list[list[int]], cancel_at: int, max_restarts: int
+) -> None:
+    """Whatever crashes happen and whenever the owner is cancelled, every incarnation
+    that started has ended (crashed or stopped) and no task is left (``run`` checks).
+
+    Crash delays are whole seconds and the cancellation comes at a half second.
+    """
+    clock = VirtualClock()
+    events: Events = []
+
+    async def main() -> str:
+        async def owner() -> None:
+            async with Supervisor(
+                strategy=strategy,  # type: ignore[arg-type]
+                max_restarts=max_restarts,
+                within=10,
+                clock=clock,
+            ) as sup:
+                for index, plan in enumerate(plans):
+                    name = f"c{index}"
+                    sup.add(
+                        recorder(events, clock, name, crash_after=[float(s) for s in plan]),
+                        name=name,
+                    )
+                await sup.wait()
+
+        task = asyncio.create_task(owner())
+        clock.call_at(cancel_at + 0.5, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        except SupervisorError:
+            return "gave up"
+        return "finished"
+
+    outcome = run(main, clock=clock)
+    assert outcome in ("cancelled", "gave up")
+    starts = sum(1 for kind, _, _ in events if kind == "start")
+    ends = sum(1 for kind, _, _ in events if kind in ("crash", "stopped"))
+    assert starts == ends
+    if outcome == "cancelled":
+        assert clock.now() == cancel_at + 0.5
