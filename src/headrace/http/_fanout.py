@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -68,7 +69,11 @@ class ResultStream:
         self._fail_fast = fail_fast
         self._window = asyncio.Semaphore(window)
         self._source_lock = asyncio.Lock()
-        self._results: asyncio.Queue[object] = asyncio.Queue()
+        # Finished results, and the consumer's wake-up call when it waits for one. A
+        # deque and one future instead of an asyncio.Queue: there is exactly one
+        # consumer, and the window already bounds how much can pile up.
+        self._ready: deque[object] = deque()
+        self._consumer: asyncio.Future[None] | None = None
         self._pending: dict[int, Result] = {}
         self._next_index = 0
         self._next_expected = 0
@@ -91,48 +96,71 @@ class ResultStream:
     def _source_done(self) -> bool:
         return self._exhausted
 
-    async def _next_request(self) -> tuple[int, Request] | None:
-        if self._exhausted:
-            return None
-        if self._sync_source is not None:
-            try:
-                item = next(self._sync_source)
-            except StopIteration:
-                self._exhausted = True
-                return None
-        else:
-            assert self._async_source is not None
-            # An async generator refuses concurrent __anext__ calls; take turns.
-            async with self._source_lock:
-                if self._source_done():
-                    return None
-                try:
-                    item = await anext(self._async_source)
-                except StopAsyncIteration:
-                    self._exhausted = True
-                    return None
+    def _number(self, item: Request | str) -> tuple[int, Request]:
         index = self._next_index
         self._next_index += 1
         return index, coerce_request(item)
 
+    def _next_sync(self) -> tuple[int, Request] | None:
+        assert self._sync_source is not None
+        if self._exhausted:
+            return None
+        try:
+            item = next(self._sync_source)
+        except StopIteration:
+            self._exhausted = True
+            return None
+        return self._number(item)
+
+    async def _next_async(self) -> tuple[int, Request] | None:
+        assert self._async_source is not None
+        # An async generator refuses concurrent __anext__ calls; take turns.
+        async with self._source_lock:
+            if self._source_done():
+                return None
+            try:
+                item = await anext(self._async_source)
+            except StopAsyncIteration:
+                self._exhausted = True
+                return None
+        return self._number(item)
+
+    def _deliver(self, item: object) -> None:
+        self._ready.append(item)
+        waiter = self._consumer
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _take(self) -> object:
+        if not self._ready:
+            waiter = asyncio.get_running_loop().create_future()
+            self._consumer = waiter
+            try:
+                await waiter  # only ever completed right after an append
+            finally:
+                self._consumer = None
+        return self._ready.popleft()
+
     async def _work(self) -> None:
+        fetch = self._fetcher._fetch_result
+        window = self._window
+        synchronous = self._sync_source is not None
         try:
             while True:
-                await self._window.acquire()
-                item = await self._next_request()
+                await window.acquire()
+                item = self._next_sync() if synchronous else await self._next_async()
                 if item is None:
-                    self._window.release()
+                    window.release()
                     return
-                index, request = item
-                self._results.put_nowait(await self._fetcher._fetch_result(index, request))
+                self._deliver(await fetch(*item))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            self._results.put_nowait(_Failure(exc))
+            self._deliver(_Failure(exc))
         finally:
             self._alive -= 1
             if self._alive == 0:
-                self._results.put_nowait(_END)
+                self._deliver(_END)
 
     def _start(self) -> None:
         self._started = True
@@ -158,7 +186,7 @@ class ResultStream:
             if self._finished:
                 await self.aclose()
                 raise StopAsyncIteration
-            item = await self._results.get()
+            item = await self._take()
             if item is _END:
                 self._finished = True
                 continue
