@@ -5,7 +5,9 @@ hand-written redis-py loop (XREADGROUP COUNT 100, gather the handlers, one pipel
 XACK per batch) vs FastStream's Redis stream subscriber with defaults.
 B4 (SQLite): headrace ``Worker`` on ``SqliteBroker`` (concurrency 16 and 100) vs a
 hand-written sqlite3 loop (BEGIN IMMEDIATE; select 100 ready; gather the handlers;
-delete; commit), plus batched publishing (``Producer`` vs ``executemany``).
+delete; commit), plus batched publishing (``Producer`` vs ``executemany``). Extra
+rows: concurrency 16 with ``prefetch=84`` (fetch batches of 100, as the hand-written
+loop), and the worker on ``memory://`` (its own overhead, without a disk broker).
 
 Every contender consumes the same number of pre-published messages with a no-op
 handler; only consumption is timed (publishing is set-up, except in the publish rows).
@@ -92,10 +94,12 @@ async def redis_handwritten(count: int) -> float:
     return count / elapsed
 
 
-async def _run_worker_until(worker: Worker, count: int, topic: str, concurrency: int) -> float:
+async def _run_worker_until(
+    worker: Worker, count: int, topic: str, concurrency: int, prefetch: int = 0
+) -> float:
     handled = 0
 
-    @worker.handler(topic, concurrency=concurrency)
+    @worker.handler(topic, concurrency=concurrency, prefetch=prefetch)
     async def handle(message: Message) -> None:
         nonlocal handled
         handled += 1
@@ -200,9 +204,22 @@ async def _sqlite_broker_with(count: int, directory: Path) -> SqliteBroker:
     return broker
 
 
-async def sqlite_headrace(count: int, directory: Path, concurrency: int) -> float:
+async def sqlite_headrace(
+    count: int, directory: Path, concurrency: int, prefetch: int = 0
+) -> float:
     broker = await _sqlite_broker_with(count, directory)
-    rate = await _run_worker_until(Worker(broker), count, "jobs", concurrency)
+    rate = await _run_worker_until(Worker(broker), count, "jobs", concurrency, prefetch)
+    await broker.close()
+    return rate
+
+
+async def memory_headrace(count: int) -> float:
+    """The worker's own floor: the same run on the in-memory broker."""
+    from headrace.messaging import MemoryBroker
+
+    broker = MemoryBroker(max_deliveries=None)
+    await broker.publish("jobs", [OutgoingMessage(BODY)] * count)
+    rate = await _run_worker_until(Worker(broker), count, "jobs", 100)
     await broker.close()
     return rate
 
@@ -259,6 +276,12 @@ def main() -> int:
             ("hand-written", "baseline", lambda: sqlite_handwritten(count, directory)),
             ("headrace c=16", "headrace", lambda: sqlite_headrace(count, directory, 16)),
             ("headrace c=100", "headrace", lambda: sqlite_headrace(count, directory, 100)),
+            (
+                "headrace c=16 pf=84",
+                "headrace",
+                lambda: sqlite_headrace(count, directory, 16, prefetch=84),
+            ),
+            ("headrace memory://", "other", lambda: memory_headrace(count)),
         ],
         "B4 publish": [
             ("executemany 500", "baseline", lambda: sqlite_publish_handwritten(count, directory)),
