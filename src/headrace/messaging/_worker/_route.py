@@ -150,6 +150,7 @@ class Route:
         self.retry_due = -math.inf
         self._idle_slots: deque[asyncio.Future[Message | None]] = deque()
         self._space = asyncio.Event()
+        self._fetcher_waiting = False
         self._ack_ready = asyncio.Event()
         self._ack_full: asyncio.Future[None] | None = None
         self._decode_errors = _decode_error_types()
@@ -171,8 +172,10 @@ class Route:
         key = id(message)
         self.in_flight.pop(key, None)
         self.lease_until.pop(key, None)
-        self.last_activity = self.clock.now()
-        self._space.set()
+        # Only wake the fetch loop when it waits for room (this runs once per message;
+        # the acker records activity, so no clock read here either).
+        if self._fetcher_waiting:
+            self._space.set()
 
     def _settle_ack(self, message: Message) -> None:
         self._release(message)
@@ -192,7 +195,14 @@ class Route:
             free = self.capacity - self.held
             if free <= 0:
                 self._space.clear()
-                await self._space.wait()
+                self._fetcher_waiting = True
+                try:
+                    await self._space.wait()
+                finally:
+                    self._fetcher_waiting = False
+                # Let the other handlers finishing in this same tick free their slots
+                # too, so the next fetch asks for a batch rather than one message.
+                await asyncio.sleep(0)
                 continue
             try:
                 messages = await self.broker.fetch(
@@ -431,6 +441,7 @@ class Route:
                 logger.error("%s of message %s failed: %s", what, message.id, exc)
             finally:
                 self._release(message)
+                self.last_activity = self.clock.now()
 
         try:
             await shielded(settle(), timeout=self.settle_timeout, cause=f"{what} of {message.id}")
@@ -484,6 +495,7 @@ class Route:
                 await self.clock.sleep(0.05 * attempt)
             else:
                 self.counters.acked += len(batch)
+                self.last_activity = self.clock.now()
                 return
 
     def stop_acker(self) -> None:
