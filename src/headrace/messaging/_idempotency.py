@@ -26,7 +26,7 @@ import asyncio
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,25 +69,28 @@ def _check_ttl(ttl: float | None, where: str) -> float | None:
 class MemoryIdempotencyStore:
     """Keys in a dict: for tests and single-process jobs (lost when the process exits).
 
-    ``ttl`` seconds (default: forever) bounds how long a key is remembered, by the
-    wall clock. Safe to share between the tasks of one loop.
+    ``ttl`` seconds (default: forever) bounds how long a key is remembered, by
+    ``wall_time`` (default ``time.time``). Safe to share between the tasks of one loop.
     """
 
-    def __init__(self, *, ttl: float | None = None) -> None:
+    def __init__(
+        self, *, ttl: float | None = None, wall_time: Callable[[], float] = time.time
+    ) -> None:
         self.ttl = _check_ttl(ttl, "MemoryIdempotencyStore")
+        self._time = wall_time
         self._keys: dict[str, float] = {}
 
     async def seen(self, key: str) -> bool:
         expires = self._keys.get(key)
         if expires is None:
             return False
-        if expires < time.time():
+        if expires <= self._time():
             del self._keys[key]
             return False
         return True
 
     async def record(self, key: str) -> None:
-        self._keys[key] = math.inf if self.ttl is None else time.time() + self.ttl
+        self._keys[key] = math.inf if self.ttl is None else self._time() + self.ttl
 
     async def close(self) -> None:
         self._keys.clear()
