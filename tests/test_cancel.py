@@ -14,6 +14,7 @@ from headrace import (
     DeadlineExceeded,
     current_cancel_token,
     deadline,
+    deadline_remaining,
     run_in_thread,
     shielded,
 )
@@ -291,3 +292,31 @@ async def test_virtual_time_flows_while_a_thread_works(clock: VirtualClock) -> N
         result = await run_in_thread(lambda: time.sleep(0.05) or "ok")
     assert result == "ok"
     assert clock.now() < 5
+
+
+async def test_deadline_remaining_sees_the_tightest_enclosing_scope(clock: VirtualClock) -> None:
+    """deadline_remaining() reports the nearest deadline of the enclosing scopes."""
+    assert deadline_remaining() is None
+    async with deadline(10):
+        await asyncio.sleep(1)
+        assert deadline_remaining() == 9
+        async with deadline(20):
+            assert deadline_remaining() == 9
+        async with deadline(2):
+            await asyncio.sleep(0.5)
+            assert deadline_remaining() == 1.5
+        assert deadline_remaining() == 8.5
+    assert deadline_remaining() is None
+
+
+async def test_deadline_remaining_is_per_task(clock: VirtualClock) -> None:
+    """A task started inside a deadline scope does not leak the scope to its siblings."""
+    seen: list[float | None] = []
+
+    async def outside() -> None:
+        seen.append(deadline_remaining())
+
+    async with deadline(5):
+        pass
+    await asyncio.create_task(outside())
+    assert seen == [None]

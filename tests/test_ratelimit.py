@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from headrace import ConfigurationError, DeadlineExceeded, RateLimitExceeded, deadline
+from headrace import ConfigurationError, RateLimitExceeded
+from headrace import deadline as deadline_scope
 from headrace._clock import Clock
 from headrace._ratelimit import (
     KeyedLimiter,
@@ -365,11 +366,12 @@ async def test_acquire_timeout_fails_fast_without_consuming(clock: Clock) -> Non
 
 
 async def test_cancelled_waiter_gives_tokens_back(clock: Clock) -> None:
-    """A waiter cancelled by a deadline returns its tokens; the next waiter moves up."""
+    """A waiter cancelled by a timeout returns its tokens; the next waiter moves up."""
     bucket = TokenBucket(1.0, 1, clock=clock)
     await bucket.acquire()
-    with pytest.raises(DeadlineExceeded):
-        async with deadline(0.5, clock=clock):
+    # asyncio.timeout, not headrace's deadline(): the latter would be refused up front.
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
             await bucket.acquire()
     assert clock.now() == 0.5
     assert bucket.statistics().cancelled == 1
@@ -693,3 +695,17 @@ class _Frozen:
 
     def call_at(self, when: float, callback: object) -> object:  # pragma: no cover
         raise AssertionError("pure tests do not schedule")
+
+
+async def test_acquire_fails_fast_against_an_enclosing_deadline(clock: Clock) -> None:
+    """A wait that would outlast the enclosing deadline() is refused at once, untaken."""
+    bucket = TokenBucket(rate=1, burst=1, clock=clock)
+    await bucket.acquire()
+    async with deadline_scope(0.5):
+        with pytest.raises(RateLimitExceeded, match="enclosing deadline"):
+            await bucket.acquire()
+    assert clock.now() == 0
+    async with deadline_scope(2):
+        await bucket.acquire()  # a 1 s wait fits in a 2 s deadline
+    assert clock.now() == 1
+    assert bucket.statistics().denied == 1

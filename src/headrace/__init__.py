@@ -10,6 +10,7 @@ from ._cancel import CancelToken as CancelToken
 from ._cancel import DeadlineScope as DeadlineScope
 from ._cancel import current_cancel_token as current_cancel_token
 from ._cancel import deadline as deadline
+from ._cancel import deadline_remaining as deadline_remaining
 from ._cancel import run_in_thread as run_in_thread
 from ._cancel import shielded as shielded
 from ._channel import Channel as Channel
@@ -129,6 +130,7 @@ __all__ = [
     "WouldBlock",
     "current_cancel_token",
     "deadline",
+    "deadline_remaining",
     "default_clock",
     "error_boundary",
     "first_completed",

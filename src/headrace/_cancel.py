@@ -34,6 +34,7 @@ __all__ = [
     "DeadlineScope",
     "current_cancel_token",
     "deadline",
+    "deadline_remaining",
     "run_in_thread",
     "shielded",
 ]
@@ -48,6 +49,7 @@ class DeadlineScope:
     __slots__ = (
         "_cancelling_at_entry",
         "_clock",
+        "_context_token",
         "_expired",
         "_handle",
         "_task",
@@ -67,6 +69,7 @@ class DeadlineScope:
         self._handle: TimerHandle | None = None
         self._task: asyncio.Task[Any] | None = None
         self._cancelling_at_entry = 0
+        self._context_token: contextvars.Token[float | None] | None = None
 
     @property
     def expired(self) -> bool:
@@ -85,6 +88,9 @@ class DeadlineScope:
         self._cancelling_at_entry = task.cancelling()
         if math.isfinite(self.deadline):
             self._handle = self._clock.call_at(self.deadline, self._fire)
+        enclosing = _innermost_deadline.get()
+        tightest = self.deadline if enclosing is None else min(enclosing, self.deadline)
+        self._context_token = _innermost_deadline.set(tightest)
 
     def _fire(self) -> None:
         assert self._task is not None
@@ -96,6 +102,9 @@ class DeadlineScope:
         """Stop the timer; return True when our own cancellation must become a timeout."""
         if self._handle is not None:
             self._handle.cancel()
+        if self._context_token is not None:
+            _innermost_deadline.reset(self._context_token)
+            self._context_token = None
         if not self._expired:
             return False
         assert self._task is not None
@@ -108,6 +117,27 @@ class DeadlineScope:
             f"DeadlineScope(timeout={self.timeout!r}, cause={self.cause!r}, "
             f"expired={self._expired!r})"
         )
+
+
+# The tightest deadline (absolute clock time) of the deadline() scopes enclosing the
+# current task, so that waits that know their length in advance (a rate limiter's
+# reservation) can fail fast instead of sleeping into a certain timeout.
+_innermost_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "headrace_innermost_deadline", default=None
+)
+
+
+def deadline_remaining(clock: Clock | None = None) -> float | None:
+    """Seconds left before the tightest enclosing :func:`deadline` fires, or ``None``.
+
+    ``None`` when no deadline encloses the caller (``asyncio.timeout`` scopes are not
+    visible here). Rate limiters use it to refuse at once a wait that would outlast
+    the deadline, as Go's ``Limiter.Wait(ctx)`` does.
+    """
+    when = _innermost_deadline.get()
+    if when is None:
+        return None
+    return when - (clock or default_clock()).now()
 
 
 @asynccontextmanager

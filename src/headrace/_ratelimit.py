@@ -41,6 +41,7 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from ._cancel import deadline_remaining
 from ._clock import Clock, default_clock
 from ._errors import ConfigurationError, RateLimitExceeded
 
@@ -664,14 +665,14 @@ class TokenBucket:
             self._granted_tokens += n
             return
         self._check_n(n, "acquire")
-        limit = _INF if timeout is None else _check_timeout(timeout, "timeout", "acquire")
+        limit, bound = _wait_limit(timeout, self._clock)
         when = self._earliest_at(now, n)
         start = now if now >= self._base_time else self._base_time
         wait = when - start
         if wait > limit:
             self._denied += 1
             raise RateLimitExceeded(
-                f"acquire(n={n:g}) would wait {wait:.6g} s, more than timeout={limit:g}",
+                f"acquire(n={n:g}) would wait {wait:.6g} s, more than {bound}",
                 context={
                     "n": n,
                     "wait": wait,
@@ -699,6 +700,18 @@ class TokenBucket:
         return (
             f"TokenBucket(rate={self._rate:g}, burst={self._burst:g}, waiters={len(self._ledger)})"
         )
+
+
+def _wait_limit(timeout: float | None, clock: Clock) -> tuple[float, str]:
+    """The longest acceptable wait: the caller's timeout or the enclosing deadline."""
+    limit = _INF if timeout is None else _check_timeout(timeout, "timeout", "acquire")
+    remaining = deadline_remaining(clock)
+    if remaining is not None and remaining < limit:
+        # Go's Wait(ctx) refuses a wait that would outlast the context's deadline; we do
+        # the same with the enclosing headrace deadline(), so nothing is reserved for a
+        # caller that is certain to be cancelled first.
+        return max(remaining, 0.0), f"the enclosing deadline ({max(remaining, 0.0):g} s left)"
+    return limit, f"timeout={limit:g}"
 
 
 def _time_to_act(entry: Reservation) -> float:
@@ -836,13 +849,13 @@ class MultiLimiter:
     async def acquire(self, n: float = 1, *, timeout: float | None = None) -> None:
         """Wait for ``n`` tokens from every bucket; like :meth:`TokenBucket.acquire`."""
         now = self._clock.now()
-        limit = _INF if timeout is None else _check_timeout(timeout, "timeout", "acquire")
+        limit, bound = _wait_limit(timeout, self._clock)
         when = self._earliest_at(now, n, "acquire")
         if when - now > limit:
             for limiter in self._limiters:
                 limiter._denied += 1
             raise RateLimitExceeded(
-                f"acquire(n={n:g}) would wait {when - now:.6g} s, more than timeout={limit:g}",
+                f"acquire(n={n:g}) would wait {when - now:.6g} s, more than {bound}",
                 context={"n": n, "wait": when - now, "timeout": limit},
             )
         reservation = self._commit_all(now, n, when)
