@@ -305,6 +305,12 @@ def test_bad_configuration_is_refused(kwargs: dict[str, object], match: str) -> 
         HedgePolicy(**kwargs)  # type: ignore[arg-type]
 
 
+async def test_call_needs_a_callable() -> None:
+    """HedgePolicy.call() with something that is not callable is refused at once."""
+    with pytest.raises(ConfigurationError, match="needs a callable"):
+        await HedgePolicy(delay=0.1).call(42)  # type: ignore[arg-type]
+
+
 async def test_first_completed_needs_callables() -> None:
     """first_completed() without handlers, or with a non-callable, is refused."""
     with pytest.raises(ConfigurationError, match="at least one"):

@@ -167,6 +167,25 @@ async def test_silent_child_restart_adds_the_backoff(clock: Clock) -> None:
     assert starts == [0.0, 1.5, 3.5]
 
 
+async def test_backoffs_of_two_children_run_side_by_side(clock: Clock) -> None:
+    """While one child waits out its backoff, another child's crash is handled at once,
+    each restart at its own crash time plus backoff(restarts in the window)."""
+    events: Events = []
+    backoff = Retry(initial_delay=0.5, multiplier=2.0, jitter="none")
+    async with Supervisor(max_restarts=5, within=60, backoff=backoff, clock=clock) as sup:
+        sup.add(recorder(events, clock, "a", crash_after=[1.0]), name="a")
+        sup.add(recorder(events, clock, "b", crash_after=[1.25]), name="b")
+        await clock.sleep(3.0)
+        states = [child.state for child in sup.statistics().children]
+    assert [event for event in events if event[0] in ("crash", "start")][2:] == [
+        ("crash", "a", 1.0),
+        ("crash", "b", 1.25),
+        ("start", "a", 1.5),  # 1.0 + backoff(1) = 0.5
+        ("start", "b", 2.25),  # 1.25 + backoff(2) = 1.0
+    ]
+    assert states == ["running", "running"]
+
+
 async def test_child_that_never_beats_is_timed_from_its_start(clock: Clock) -> None:
     """A child that never beats counts as silent from the moment it started."""
     starts: list[float] = []

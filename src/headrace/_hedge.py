@@ -354,6 +354,8 @@ class HedgePolicy:
 
     async def call(self, fn: Callable[[], Awaitable[_T]], /) -> _T:
         """Await ``fn()``, hedged per this policy; return the first success."""
+        if not callable(fn):
+            raise ConfigurationError(f"HedgePolicy.call(fn={fn!r}) needs a callable")
 
         async def attempt(_: int) -> _T:
             return await fn()

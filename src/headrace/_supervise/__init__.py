@@ -14,7 +14,8 @@ The steward/ward of *Concurrency in Go* §5.6 crossed with Erlang/OTP's supervis
   errors. ``backoff`` (a :class:`~headrace.Retry`) spaces restarts out.
 * **heartbeat watchdog** — a child added with ``heartbeat_timeout`` must beat through
   its :class:`ChildContext` at least that often; if it goes silent it is cancelled and
-  restarted exactly ``heartbeat_timeout`` seconds after its last beat (plus backoff).
+  restarted exactly ``heartbeat_timeout`` seconds after its last beat (plus backoff,
+  and plus whatever its cleanup takes: a new incarnation never runs beside the old).
   The details of its last beat are handed to the next incarnation
   (:attr:`ChildContext.resume_details`), so work resumes from a checkpoint, as
   Temporal's activity heartbeats do.

@@ -273,7 +273,10 @@ class Supervisor:
 
         Takes an optional :class:`ChildContext`, so that ``parent.add(inner.run,
         name="inner")`` nests one supervisor under another: when the inner one gives
-        up, its ``SupervisorError`` is a crash the parent handles.
+        up, its ``SupervisorError`` is a crash the parent handles, and the restarted
+        inner supervisor starts from its specs with a fresh restart history. Give the
+        parent's ``add()`` a ``shutdown_timeout`` that covers the inner shutdown, and
+        no ``heartbeat_timeout`` (a supervisor does not beat for its children).
         """
         async with self:
             await self.wait()
