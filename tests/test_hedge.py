@@ -391,3 +391,20 @@ def test_cancelling_a_hedge_at_any_time_leaves_nothing_behind(
         assert ended == pytest.approx(cancel_ms / 1000)
     else:
         assert ended < cancel_ms / 1000
+
+
+@pytest.mark.real_time
+async def test_hedge_on_the_real_clock() -> None:
+    """On a real loop, a hedge rescues a call whose first attempt stalls (tolerant:
+    the stall is 2 s, the hedge fires at 20 ms; anything under 1 s proves it)."""
+    loop = asyncio.get_running_loop()
+    attempts = iter([2.0, 0.01])
+
+    async def call() -> float:
+        latency = next(attempts)
+        await asyncio.sleep(latency)
+        return latency
+
+    started = loop.time()
+    assert await hedge(call, delay=0.02) == 0.01
+    assert loop.time() - started < 1.0

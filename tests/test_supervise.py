@@ -523,3 +523,24 @@ def test_cancelling_a_supervisor_at_any_time_stops_every_child(
     assert starts == ends
     if outcome == "cancelled":
         assert clock.now() == cancel_at + 0.5
+
+
+@pytest.mark.real_time
+async def test_watchdog_on_the_real_clock() -> None:
+    """On a real loop, a silent child is restarted after its heartbeat timeout (tolerant:
+    timeout 50 ms; the restart must come after it and well before 1 s)."""
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+    restarted = asyncio.Event()
+
+    async def hangs(ctx: ChildContext) -> None:
+        starts.append(loop.time())
+        if ctx.incarnation == 2:
+            restarted.set()
+        ctx.beat()
+        await asyncio.sleep(3600)
+
+    async with Supervisor() as sup:
+        sup.add(hangs, name="hangs", heartbeat_timeout=0.05)
+        await asyncio.wait_for(restarted.wait(), timeout=5.0)
+    assert 0.05 <= starts[1] - starts[0] < 1.0
