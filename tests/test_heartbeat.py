@@ -51,6 +51,21 @@ async def test_wait_returns_next_pulse_at_its_time(clock: Clock) -> None:
     assert heartbeat.statistics().dropped == 0
 
 
+async def test_every_listener_hears_the_same_pulse(clock: Clock) -> None:
+    """Two waiters and an iterator all receive the one beat; nothing is dropped."""
+    heartbeat = Heartbeat(clock=clock)
+    pulses = aiter(heartbeat)
+    waiters = [asyncio.create_task(heartbeat.wait()) for _ in range(2)]
+    await asyncio.sleep(0)  # let the waiters register
+    clock.call_at(0.5, lambda: heartbeat.beat("x"))
+    received = [await waiter for waiter in waiters]
+    heartbeat.close()
+    streamed = [pulse async for pulse in pulses]
+    assert received == [Pulse(0.5, 1, "x")] * 2
+    assert streamed == [Pulse(0.5, 1, "x")]
+    assert heartbeat.statistics().dropped == 0
+
+
 async def test_wait_times_out_exactly(clock: Clock) -> None:
     """wait(timeout) returns None exactly ``timeout`` seconds after a silent start."""
     heartbeat = Heartbeat(clock=clock)

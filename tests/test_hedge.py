@@ -230,6 +230,21 @@ async def test_percentile_delay_follows_observed_latency(clock: Clock) -> None:
     assert service.log[1] == ("start", 1, pytest.approx(started + 0.09))
 
 
+async def test_percentile_delay_records_a_lost_first_attempt_as_a_lower_bound(
+    clock: Clock,
+) -> None:
+    """When a hedge wins, the first attempt's elapsed time at cancellation is recorded,
+    so slow first attempts keep counting above the percentile."""
+    delay = PercentileDelay(95, min_samples=1, initial=0.1)
+    delay.record(0.1)
+    policy = HedgePolicy(delay=delay, clock=clock)
+    service = Service(clock, [9.0, 0.05])
+    await policy.call(service)
+    tracker = delay.tracker
+    assert len(tracker) == 2
+    assert tracker.percentile(100) == pytest.approx(0.15)  # cancelled at 0.15 (0.1 + 0.05)
+
+
 async def test_percentile_delay_has_a_floor_and_an_initial_value(clock: Clock) -> None:
     """The delay never drops below ``floor``; ``initial`` applies until enough samples."""
     delay = PercentileDelay(50, min_samples=3, floor=0.05, initial=0.2)
