@@ -123,6 +123,11 @@ class VirtualClock:
     fires. Do not test real network I/O on a virtual clock: a reply that takes a real
     millisecond loses the race against any pending timer.
 
+    Time is kept in whole microseconds, which is what makes ``0.1 + 0.2`` come out as
+    ``0.3``. The flip side: a float deadline like ``0.14 + 0.01``
+    (``0.15000000000000002``) is reached when ``now()`` says ``0.15``, so a loop that
+    re-arms a timer while ``now() < deadline`` spins; compare with a margin of 1e-6 s.
+
     One clock drives one loop at a time; it is not thread-safe.
     """
 
