@@ -7,6 +7,7 @@ import json
 import signal
 import sqlite3
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,7 @@ async def test_lease_expiry_follows_wall_time(tmp_path: Path) -> None:
     async with SqliteBroker(tmp_path / "jobs.db", time=wall) as broker:
         await broker.publish("jobs", numbered(1))
         [first] = await broker.fetch("jobs", 1, timeout=0, lease=10.0)
-        assert rows(tmp_path / "jobs.db", "SELECT ready_at FROM headrace_messages") == [
+        assert rows(tmp_path / "jobs.db", "SELECT lease_until FROM headrace_messages") == [
             (wall.now + 10.0,)
         ]
         wall.now += 9.999
@@ -165,9 +166,9 @@ async def test_delayed_retry_uses_ready_at(tmp_path: Path) -> None:
         await broker.publish("jobs", numbered(1))
         [first] = await broker.fetch("jobs", 1, timeout=0, lease=30.0)
         await broker.nack([first], delay=5.0)
-        assert rows(path, "SELECT ready_at, attempt, lease_token FROM headrace_messages") == [
-            (wall.now + 5.0, 2, None)
-        ]
+        assert rows(
+            path, "SELECT ready_at, attempt, lease_token, lease_until FROM headrace_messages"
+        ) == [(wall.now + 5.0, 2, None, None)]
         wall.now += 4.999
         assert await broker.fetch("jobs", 1, timeout=0, lease=30.0) == []
         wall.now += 0.001
@@ -258,6 +259,34 @@ async def test_cancelled_fetch_hands_its_claim_back(tmp_path: Path) -> None:
         assert {m.attempt for m in got} == {1}
 
 
+async def test_concurrent_acks_commit_together(tmp_path: Path) -> None:
+    """Acks issued at once (and during a claim) all commit before each ack() returns."""
+    path = tmp_path / "jobs.db"
+    async with SqliteBroker(path) as broker:
+        await broker.publish("jobs", numbered(120))
+        batches = [await broker.fetch("jobs", 10, timeout=0, lease=30.0) for _ in range(10)]
+        assert sum(map(len, batches)) == 100
+        acked = 0
+
+        async def ack(batch: list) -> None:
+            nonlocal acked
+            await broker.ack(batch)
+            # Durable on return: another connection no longer sees these rows.
+            ids = [int(m.id) for m in batch]
+            marks = ",".join("?" * len(ids))
+            assert rows(path, f"SELECT id FROM headrace_messages WHERE id IN ({marks})", *ids) == []
+            acked += len(batch)
+
+        async with asyncio.TaskGroup() as group:
+            for batch in batches:
+                group.create_task(ack(batch))
+            rest = group.create_task(broker.fetch("jobs", 50, timeout=1.0, lease=30.0))
+        assert acked == 100
+        assert [m.body for m in rest.result()] == [str(n).encode() for n in range(100, 120)]
+        await broker.ack(rest.result())
+    assert rows(path, "SELECT count(*) FROM headrace_messages") == [(0,)]
+
+
 async def test_large_batches(tmp_path: Path) -> None:
     """Publishing and acking 2,500 messages in one call (beyond one statement's limit) works."""
     async with SqliteBroker(tmp_path / "jobs.db") as broker:
@@ -271,11 +300,18 @@ async def test_large_batches(tmp_path: Path) -> None:
 
 async def test_unclosed_broker_warns(tmp_path: Path) -> None:
     """A connected broker dropped without close() emits a ResourceWarning."""
-    broker = SqliteBroker(tmp_path / "jobs.db")
-    await broker.connect()
-    # No reference cycles: the broker is finalised right at ``del``.
-    with pytest.warns(ResourceWarning, match="unclosed SqliteBroker"):
-        del broker
+    holder = [SqliteBroker(tmp_path / "jobs.db")]
+    await holder[0].connect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        holder.clear()
+        # The broker's thread may hold the last reference for a moment after it answered.
+        for _ in range(500):
+            if caught:
+                break
+            await asyncio.sleep(0.01)
+    assert [w.category for w in caught] == [ResourceWarning]
+    assert "unclosed SqliteBroker" in str(caught[0].message)
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
