@@ -13,6 +13,9 @@ Meaning of each operation (adapters must keep it; the conformance suite checks i
   the broker instead of delivered.
 * ``ack`` removes handled messages for good. Acking a message whose lease expired and
   that was re-delivered elsewhere is allowed and harmless where the broker can tell.
+  ``ack`` and ``dead_letter`` act on the message id; ``nack``, ``hand_back`` and
+  ``extend_lease`` act only while ``message.receipt`` is still the current delivery
+  (after a lease expired and someone else fetched the message, they do nothing).
 * ``nack(delay)`` returns messages for a retry after ``delay`` seconds; it counts as
   a failed attempt.
 * ``hand_back`` returns fetched-but-unhandled messages at once, e.g. on shutdown. Where
@@ -21,7 +24,16 @@ Meaning of each operation (adapters must keep it; the conformance suite checks i
 * ``dead_letter`` moves one message to the topic's dead-letter store together with a
   JSON-safe error record (``HeadraceError.to_dict()``); atomically where the broker can.
 * ``close`` flushes pending acks and releases connections; fetched messages not acked
-  by then are handed back by the worker *before* close, never silently dropped.
+  by then are handed back by the worker *before* close, never silently dropped. A
+  ``fetch`` waiting on the broker when it closes, and every operation after close,
+  raise :class:`~headrace.ClosedResourceError`; ``close`` itself is idempotent.
+* ``publish([])`` returns ``[]``; bodies must be ``bytes`` (else ``InvalidMessage``);
+  bad arguments (``max_messages < 1``, negative timeout, lease <= 0) raise
+  ``ConfigurationError``. The shared checks live in :mod:`headrace.messaging.brokers`.
+
+``tests/messaging/test_conformance.py`` checks all of this for every adapter registered
+in ``tests/messaging/conftest.py``; :class:`~headrace.messaging.MemoryBroker` is the
+reference implementation.
 
 Adapters are used from one event loop; one instance may be shared by the tasks of a
 worker (fetch, ack and publish may run concurrently).
