@@ -100,3 +100,23 @@ def test_run_returns_the_result_on_a_real_clock() -> None:
         return 42
 
     assert run(answer, clock=MonotonicClock()) == 42
+
+
+def test_run_reports_a_dropped_pending_task_when_collecting() -> None:
+    """With collect_garbage, a pending task nobody references is reported."""
+
+    async def drops_a_task() -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        async def waits_forever() -> None:
+            await future
+
+        task = loop.create_task(waits_forever())
+        await asyncio.sleep(0)
+        # Forget the task and its future: only the garbage collector can find them now.
+        asyncio.tasks._unregister_task(task)  # type: ignore[attr-defined]
+        del task, future
+
+    with pytest.raises(LeakError, match="destroyed but it is pending"):
+        run(drops_a_task, collect_garbage=True)

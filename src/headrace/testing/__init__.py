@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
@@ -35,12 +36,13 @@ def _describe(task: asyncio.Task[Any]) -> str:
     return f"{task.get_name()} ({name})"
 
 
-async def _checked(main: Callable[[], Awaitable[_T]]) -> _T:
+async def _checked(main: Callable[[], Awaitable[_T]], collect_garbage: bool = False) -> _T:
     loop = asyncio.get_running_loop()
     problems: list[str] = []
 
     def record(_: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        problems.append(str(context.get("message")) + ": " + repr(context.get("exception")))
+        subject = context.get("exception") or context.get("task") or context.get("future")
+        problems.append(f"{context.get('message')}: {subject!r}")
 
     loop.set_exception_handler(record)
     this_task = asyncio.current_task()
@@ -49,6 +51,10 @@ async def _checked(main: Callable[[], Awaitable[_T]]) -> _T:
     # Let callbacks that finish already-completed tasks run before we count.
     for _ in range(3):
         await asyncio.sleep(0)
+    if collect_garbage:
+        # A pending task nobody references is only reported ("Task was destroyed but it
+        # is pending") when it is collected; collect now, while our handler listens.
+        gc.collect()
     leftover = asyncio.all_tasks() - before - {this_task}
     if leftover:
         names = sorted(_describe(task) for task in leftover)
@@ -65,11 +71,14 @@ def run(
     main: Callable[[], Coroutine[Any, Any, _T]] | Coroutine[Any, Any, _T],
     *,
     clock: Clock | None = None,
+    collect_garbage: bool = False,
 ) -> _T:
     """Run ``main`` on a new loop (virtual time unless ``clock`` is a real clock), checked.
 
     Fails with :class:`LeakError` if tasks created by ``main`` are still alive when it
-    returns (``asyncio.run`` would cancel them quietly and hide the leak).
+    returns (``asyncio.run`` would cancel them quietly and hide the leak), or if the
+    loop reported an error. ``collect_garbage=True`` runs the garbage collector before
+    the check, so dropped pending tasks are reported too (slower; for stress runs).
     """
 
     async def call() -> _T:
@@ -79,11 +88,11 @@ def run(
         clock = VirtualClock()
     if isinstance(clock, VirtualClock):
         with asyncio.Runner(loop_factory=clock.new_event_loop) as runner:
-            return runner.run(_checked(call))
+            return runner.run(_checked(call, collect_garbage))
     if not isinstance(clock, MonotonicClock):
         raise TypeError(f"run(clock={clock!r}) takes a VirtualClock or a MonotonicClock")
     with asyncio.Runner() as runner:
-        return runner.run(_checked(call))
+        return runner.run(_checked(call, collect_garbage))
 
 
 def service_available(host: str, port: int, timeout: float = 1.0) -> bool:
