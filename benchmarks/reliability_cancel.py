@@ -173,7 +173,7 @@ def run_trials(trials: int, seed: int) -> dict[str, dict[str, int]]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                result = run(lambda: SCENARIOS[name](rng, clock), clock=clock, collect_garbage=True)
+                result = run(SCENARIOS[name](rng, clock), clock=clock, collect_garbage=True)
                 tally.update(result)
             except LeakError as exc:
                 tally["leaks"] += 1

@@ -107,16 +107,15 @@ def test_run_reports_a_dropped_pending_task_when_collecting() -> None:
 
     async def drops_a_task() -> None:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        holder = [loop.create_future()]
 
-        async def waits_forever() -> None:
+        async def waits_forever(future: asyncio.Future[None]) -> None:
             await future
 
-        task = loop.create_task(waits_forever())
+        task = loop.create_task(waits_forever(holder.pop()))
         await asyncio.sleep(0)
         # Forget the task and its future: only the garbage collector can find them now.
-        asyncio.tasks._unregister_task(task)  # type: ignore[attr-defined]
-        del task, future
+        del task
 
     with pytest.raises(LeakError, match="destroyed but it is pending"):
         run(drops_a_task, collect_garbage=True)
