@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, HeadraceError
 from ._models import Request, Result
 
 if TYPE_CHECKING:
@@ -142,7 +142,8 @@ class ResultStream:
         return self._ready.popleft()
 
     async def _work(self) -> None:
-        fetch = self._fetcher._fetch_result
+        fetcher = self._fetcher
+        execute = fetcher._execute
         window = self._window
         synchronous = self._sync_source is not None
         try:
@@ -152,7 +153,18 @@ class ResultStream:
                 if item is None:
                     window.release()
                     return
-                self._deliver(await fetch(*item))
+                index, request = item
+                # Awaiting _execute directly (not through a helper coroutine): one await
+                # level less to pass through on every resume.
+                try:
+                    response = await execute(request)
+                except HeadraceError as exc:
+                    result = Result(index, request, None, exc)
+                except Exception as exc:
+                    result = fetcher._unexpected(index, request, exc)
+                else:
+                    result = fetcher._result_of(index, request, response)
+                self._deliver(result)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

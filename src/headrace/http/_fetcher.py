@@ -384,17 +384,59 @@ class Fetcher:
         budget = self._retry_budget if policy is not None else None
         if budget is not None:
             budget.record_request()
+        session = self._session
+        assert session is not None
         clock = self._clock
         started = clock.now()
         failures = 0
         while True:
             try:
-                if hedge is None:
-                    response = await self._attempt(prepared, started, failures + 1)
-                else:
+                if hedge is not None:
                     response = await hedge.call(
                         functools.partial(self._attempt, prepared, started, failures + 1)
                     )
+                else:
+                    # The body of _attempt, inlined: every coroutine level between the
+                    # worker and aiohttp is paid again on every resume, and in B6 the
+                    # extra levels cost more client CPU than everything else we add.
+                    attempt = failures + 1
+                    host_slots = await self._acquire_slot(prepared)
+                    self._attempts += 1
+                    self._in_flight += 1
+                    try:
+                        try:
+                            raw = await session.request(
+                                request.method,
+                                prepared.url,
+                                headers=request.headers,
+                                data=prepared.data,
+                            )
+                        except BaseException as exc:
+                            error = self._request_failed(exc, prepared, started, attempt)
+                            if error is exc:
+                                raise
+                            raise error from exc
+                        length = raw.content_length
+                        try:
+                            if (
+                                length is not None
+                                and length <= self.max_body_size
+                                and request.method != "HEAD"
+                                and raw.status not in _NO_BODY_STATUSES
+                            ):
+                                body = await raw.read()
+                            else:
+                                body = await self._read_body(raw, prepared)
+                        except BaseException as exc:
+                            self._discard(raw)
+                            error = self._body_failed(exc, prepared, started, attempt)
+                            if error is exc:
+                                raise
+                            raise error from exc
+                    finally:
+                        self._in_flight -= 1
+                        self._release_slot(host_slots)
+                    response = self._response(prepared, raw, body, started, attempt)
             except HeadraceError as exc:
                 failures += 1
                 delay = self._next_delay(policy, budget, exc, failures, started)
@@ -529,6 +571,8 @@ class Fetcher:
         return semaphore
 
     async def _attempt(self, prepared: Prepared, started: float, attempt: int) -> Response:
+        """One attempt: slot, request, body. Inlined in :meth:`_execute`; this copy is
+        for the hedged path, which needs an attempt it can start several times."""
         session = self._session
         assert session is not None
         request = prepared.request
@@ -538,36 +582,68 @@ class Fetcher:
         # aiohttp's total timer starts here, after the slot: queueing is not counted.
         try:
             try:
-                response = await session.request(
+                raw = await session.request(
                     request.method, prepared.url, headers=request.headers, data=prepared.data
                 )
-            except aiohttp.ClientError as exc:
-                raise translate(exc, prepared, self.timeouts) from exc
-            except TimeoutError as exc:
-                self._discarded += 1  # aiohttp closes the connection it was waiting on
-                raise self._total_timeout(prepared, started, attempt) from exc
-            except asyncio.CancelledError:
-                self._discarded += 1  # likewise (a lost hedge, a cancelled caller)
-                raise
+            except BaseException as exc:
+                error = self._request_failed(exc, prepared, started, attempt)
+                if error is exc:
+                    raise
+                raise error from exc
             try:
-                body = await self._read_body(response, prepared, started, attempt)
-            except BaseException:
-                # Unknown amount left unread (cancelled, too large, broken): closing is
-                # the only state we can vouch for.
-                self._discard(response)
-                raise
+                body = await self._read_body(raw, prepared)
+            except BaseException as exc:
+                self._discard(raw)
+                error = self._body_failed(exc, prepared, started, attempt)
+                if error is exc:
+                    raise
+                raise error from exc
         finally:
             self._in_flight -= 1
             self._release_slot(host_slots)
+        return self._response(prepared, raw, body, started, attempt)
+
+    def _request_failed(
+        self, exc: BaseException, prepared: Prepared, started: float, attempt: int
+    ) -> BaseException:
+        """What to raise when sending the request or waiting for its headers failed."""
+        if isinstance(exc, aiohttp.ClientError):
+            return translate(exc, prepared, self.timeouts)
+        if isinstance(exc, TimeoutError) and not isinstance(exc, HeadraceError):
+            self._discarded += 1  # aiohttp closes the connection it was waiting on
+            return self._total_timeout(prepared, started, attempt)
+        if isinstance(exc, asyncio.CancelledError):
+            self._discarded += 1  # likewise (a lost hedge, a cancelled caller)
+        return exc
+
+    def _body_failed(
+        self, exc: BaseException, prepared: Prepared, started: float, attempt: int
+    ) -> BaseException:
+        """What to raise when reading the body failed (the response is already closed)."""
+        if isinstance(exc, aiohttp.ClientError):
+            return translate(exc, prepared, self.timeouts)
+        if isinstance(exc, TimeoutError) and not isinstance(exc, HeadraceError):
+            # aiohttp's total timer also covers the body and raises a bare TimeoutError.
+            return self._total_timeout(prepared, started, attempt)
+        return exc
+
+    def _response(
+        self,
+        prepared: Prepared,
+        raw: aiohttp.ClientResponse,
+        body: bytes,
+        started: float,
+        attempt: int,
+    ) -> Response:
         self._responses += 1
         self._bytes += len(body)
         return Response(
-            request=request,
-            status=response.status,
-            reason=response.reason or "",
-            headers=response.headers,
+            request=prepared.request,
+            status=raw.status,
+            reason=raw.reason or "",
+            headers=raw.headers,
             body=body,
-            url=str(response.url),
+            url=str(raw.url),
             elapsed=self._clock.now() - started,
             attempts=attempt,
         )
@@ -590,34 +666,28 @@ class Fetcher:
             },
         )
 
-    async def _read_body(
-        self, response: aiohttp.ClientResponse, prepared: Prepared, started: float, attempt: int
-    ) -> bytes:
+    async def _read_body(self, response: aiohttp.ClientResponse, prepared: Prepared) -> bytes:
+        """Read the whole body within ``max_body_size``; the caller maps errors and closes
+        the response if this raises."""
         if prepared.request.method == "HEAD" or response.status in _NO_BODY_STATUSES:
             response.release()
             return b""
         limit = self.max_body_size
         length = response.content_length
-        try:
-            if length is not None:
-                if length > limit:
-                    raise body_too_large(prepared, limit, length)
-                return await response.read()
-            chunks: list[bytes] = []
-            size = 0
-            while True:
-                chunk = await response.content.read(READ_CHUNK)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > limit:
-                    raise body_too_large(prepared, limit, size)
-                chunks.append(chunk)
-        except aiohttp.ClientError as exc:
-            raise translate(exc, prepared, self.timeouts) from exc
-        except TimeoutError as exc:
-            # aiohttp's total timer also covers the body and raises a bare TimeoutError.
-            raise self._total_timeout(prepared, started, attempt) from exc
+        if length is not None:
+            if length > limit:
+                raise body_too_large(prepared, limit, length)
+            return await response.read()
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await response.content.read(READ_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise body_too_large(prepared, limit, size)
+            chunks.append(chunk)
         response.release()
         return b"".join(chunks)
 
@@ -643,7 +713,11 @@ class Fetcher:
         session = self._session
         assert session is not None
         self._requests += 1
-        prepared = Prepared(coerce_request(request))
+        try:
+            prepared = Prepared(coerce_request(request))
+        except HeadraceError as exc:
+            self._errors[exc.code] += 1
+            raise
         req = prepared.request
         host_slots = await self._acquire_slot(prepared)
         self._attempts += 1
@@ -730,19 +804,8 @@ class Fetcher:
         self._streams.add(stream)
         return stream
 
-    async def _fetch_result(self, index: int, request: Request) -> Result:
-        try:
-            response = await self._execute(request)
-        except HeadraceError as exc:
-            return Result(index, request, None, exc)
-        except Exception as exc:
-            error = InternalError.wrap(
-                exc,
-                f"unexpected {type(exc).__name__} fetching {request!r}: {exc}",
-                context={"method": request.method, "url": redact_url(request.url)},
-            )
-            self._errors[error.code] += 1
-            return Result(index, request, None, error)
+    def _result_of(self, index: int, request: Request, response: Response) -> Result:
+        """The :class:`Result` for a response (an error status becomes its error)."""
         if self.raise_for_status and response.status >= 400:
             failure = status_error(
                 response, retry_after=parse_retry_after(response.headers.get("Retry-After"))
@@ -750,6 +813,16 @@ class Fetcher:
             self._errors[failure.code] += 1
             return Result(index, request, response, failure)
         return Result(index, request, response, None)
+
+    def _unexpected(self, index: int, request: Request, exc: Exception) -> Result:
+        """A bug below us (not a HeadraceError) becomes an InternalError result."""
+        error = InternalError.wrap(
+            exc,
+            f"unexpected {type(exc).__name__} fetching {request!r}: {exc}",
+            context={"method": request.method, "url": redact_url(request.url)},
+        )
+        self._errors[error.code] += 1
+        return Result(index, request, None, error)
 
 
 def _per_host(
