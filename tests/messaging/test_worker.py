@@ -464,3 +464,29 @@ async def test_never_fetches_more_than_the_free_slots(clock: Clock) -> None:
     assert stats.fetched == 5
     assert broker.fetch_sizes == [5]
     assert stats.handed_back == 5
+
+
+async def test_fetch_in_progress_at_stop_is_finished_and_handed_back(clock: Clock) -> None:
+    """A long poll running when stop() comes is not cancelled (that could strand what
+    it leased): what it returns is handed back at once, unhandled, attempt 1."""
+    broker = SpyBroker(max_deliveries=None, clock=clock)
+    worker = Worker(broker, clock=clock, fetch_timeout=10.0)
+
+    @worker.handler("jobs")
+    async def handle(message: Message) -> None:
+        raise AssertionError("must not run after stop")
+
+    async def scenario() -> None:
+        await clock.sleep(1.0)
+        worker.stop()
+        await clock.sleep(0.5)
+        await publish(broker, "jobs", [b"late"])
+
+    script = asyncio.create_task(scenario())
+    stats = await worker.run(handle_signals=False)
+    await script
+    assert clock.now() == 1.5
+    assert (stats.fetched, stats.handed_back, stats.handled) == (1, 1, 0)
+    assert broker.handed_back[0][0] == 1.5
+    [left] = await remaining(broker, "jobs")
+    assert (left.body, left.attempt) == (b"late", 1)

@@ -73,8 +73,9 @@ class Worker:
     exponential backoff from ``retry_delay=1`` s up to 60 s between them (jittered);
     ``shutdown_timeout=10`` s for in-flight handlers to finish on SIGTERM; acks go out
     in batches of ``ack_batch=100`` or every ``ack_interval=0.05`` s, whichever first;
-    ``fetch_timeout=1`` s is how long one fetch long-polls an empty topic (a stop
-    cancels the poll in progress: adapters' ``fetch`` is cancel-safe).
+    ``fetch_timeout=1`` s is how long one fetch long-polls an empty topic (and so
+    the longest a graceful stop waits for the fetch in progress; its messages are
+    handed back at once).
 
     Shutdown (SIGTERM, SIGINT, or :meth:`stop`), in this order: stop fetching and hand
     back every fetched-but-unstarted message at once (no attempt is counted where the
@@ -451,19 +452,31 @@ class Worker:
         for route in routes:
             route.stop()
         await self._hand_back(broker, [m for route in routes for m in route.take_buffer()])
-        #    The fetch in progress (a long poll) is cancelled: the Broker contract makes
-        #    fetch cancel-safe (a claim that lands after the cancel is handed back by
-        #    the adapter), and between its return and the buffer there is no await.
-        for task in fetchers:
-            task.cancel()
-        await asyncio.gather(*fetchers, return_exceptions=True)
-        await self._hand_back(broker, [m for route in routes for m in route.take_buffer()])
-        # 2. In-flight handlers get shutdown_timeout seconds, then are cancelled.
-        deadline_at = self._clock.now() + self.shutdown_timeout
-        await self._wait(slots, until=deadline_at, force=force)
-        for task in slots:
-            task.cancel()
-        await asyncio.gather(*slots, return_exceptions=True)
+        stopped_at = self._clock.now()
+
+        async def drain_fetches() -> None:
+            # The fetch in progress (a long poll) may still be running: let it finish
+            # (at most fetch_timeout) and hand back what it brought at once. Cancelling
+            # it would leave a claim that commits after the cancel to the adapter, which
+            # may only return it after we closed the broker, so it would wait for its
+            # lease to expire (measured here, R2 on SQLite). A forced stop cancels it.
+            await self._wait(
+                fetchers, until=stopped_at + self.fetch_timeout + self.settle_timeout, force=force
+            )
+            for task in fetchers:
+                task.cancel()
+            await asyncio.gather(*fetchers, return_exceptions=True)
+            await self._hand_back(broker, [m for route in routes for m in route.take_buffer()])
+
+        fetches_drained = asyncio.create_task(drain_fetches(), name="drain-fetches")
+        try:
+            # 2. In-flight handlers get shutdown_timeout seconds, then are cancelled.
+            await self._wait(slots, until=stopped_at + self.shutdown_timeout, force=force)
+            for task in slots:
+                task.cancel()
+            await asyncio.gather(*slots, return_exceptions=True)
+        finally:
+            await fetches_drained
         # 3. Ack everything handled (the ackers flush their whole backlog, then exit).
         for route in routes:
             route.stop_acker()
