@@ -7,13 +7,20 @@ import json
 import signal
 import sqlite3
 import sys
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from headrace import BrokerError, Clock, ConfigurationError
-from headrace.messaging import OutgoingMessage, SqliteBroker, open_broker
+from headrace._clock import TimerHandle
+from headrace.messaging import MemoryBroker, Message, OutgoingMessage, SqliteBroker, open_broker
+from headrace.testing import run
 
 
 class FakeWallTime:
@@ -359,3 +366,124 @@ def test_bad_sqlite_urls(url: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         open_broker(url)
     assert info.value.code == "invalid_broker_url"
+
+
+# -- differential: the SQLite broker behaves exactly like the reference MemoryBroker ----
+
+
+class FakeClock:
+    """A Clock whose now() is a FakeWallTime (no waiting happens: every fetch has timeout 0)."""
+
+    def __init__(self, wall: FakeWallTime) -> None:
+        self.wall = wall
+
+    def now(self) -> float:
+        return self.wall.now
+
+    async def sleep(self, seconds: float) -> None:
+        raise AssertionError("the differential test never waits")
+
+    async def sleep_until(self, deadline: float) -> None:
+        raise AssertionError("the differential test never waits")
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> TimerHandle:
+        raise AssertionError("the differential test never waits")
+
+
+held_index = st.integers(min_value=0, max_value=20)
+fetches = st.tuples(st.just("fetch"), st.integers(1, 5), st.sampled_from([1.0, 5.0]))
+advances = st.tuples(st.just("advance"), st.sampled_from([0.5, 1.0, 3.0]))
+operations = st.lists(
+    # Fetches and time steps weigh triple, so crash loops (expiry after expiry up to
+    # max_deliveries) are common.
+    st.one_of(
+        st.tuples(st.just("publish"), st.integers(1, 4), st.sampled_from([0.0, 1.0, 5.0])),
+        fetches,
+        fetches,
+        fetches,
+        advances,
+        advances,
+        st.tuples(st.just("ack"), held_index),
+        st.tuples(st.just("nack"), held_index, st.sampled_from([0.0, 2.0])),
+        st.tuples(st.just("hand_back"), held_index),
+        st.tuples(st.just("extend"), held_index, st.sampled_from([1.0, 10.0])),
+        st.tuples(st.just("dead_letter"), held_index),
+        st.tuples(st.just("replay"), st.booleans()),
+        st.tuples(st.just("advance"), st.sampled_from([0.5, 1.0, 3.0])),
+    ),
+    min_size=15,
+    max_size=60,
+)
+
+
+def view(messages: list[Message]) -> list[tuple[str, bytes, int, str | None]]:
+    return [(m.id, m.body, m.attempt, m.key) for m in messages]
+
+
+async def play(script: list[tuple[Any, ...]], directory: str) -> None:
+    wall = FakeWallTime()
+    reference = MemoryBroker(max_deliveries=3, clock=FakeClock(wall))
+    subject = SqliteBroker(Path(directory) / "diff.db", max_deliveries=3, time=wall)
+    held: list[tuple[Message, Message]] = []
+    counter = 0
+    async with reference, subject:
+        for step in [("publish", 4, 0.0), *script]:
+            kind = step[0]
+            pick = held[step[1] % len(held)] if held and kind not in SKIP_PICK else None
+            if kind == "publish":
+                batch = [
+                    OutgoingMessage(str(counter + n).encode(), key=f"k{n}", delay=step[2])
+                    for n in range(step[1])
+                ]
+                counter += step[1]
+                assert await reference.publish("t", batch) == await subject.publish("t", batch)
+            elif kind == "fetch":
+                expected = await reference.fetch("t", step[1], timeout=0, lease=step[2])
+                actual = await subject.fetch("t", step[1], timeout=0, lease=step[2])
+                assert view(actual) == view(expected), (step, wall.now)
+                for message in actual:
+                    event(f"attempt {message.attempt}")
+                held += zip(expected, actual, strict=True)
+            elif kind == "advance":
+                wall.now += step[1]
+            elif kind == "replay":
+                ids = (
+                    None
+                    if step[1]
+                    else [d.message.id for d in await reference.dead_letters("t")][:1]
+                )
+                assert await reference.replay_dead_letters("t", ids) == (
+                    await subject.replay_dead_letters("t", ids)
+                )
+            elif pick is not None:
+                for broker, message in ((reference, pick[0]), (subject, pick[1])):
+                    if kind == "ack":
+                        await broker.ack([message])
+                    elif kind == "nack":
+                        await broker.nack([message], delay=step[2])
+                    elif kind == "hand_back":
+                        await broker.hand_back([message])
+                    elif kind == "extend":
+                        await broker.extend_lease([message], step[2])
+                    else:
+                        await broker.dead_letter(message, {"code": "poison"})
+        letters = [await b.dead_letters("t", limit=1000) for b in (reference, subject)]
+        assert [(view([d.message]), d.error["code"]) for d in letters[1]] == [
+            (view([d.message]), d.error["code"]) for d in letters[0]
+        ]
+        wall.now += 100.0
+        assert view(await subject.fetch("t", 1000, timeout=0, lease=1.0)) == view(
+            await reference.fetch("t", 1000, timeout=0, lease=1.0)
+        )
+
+
+SKIP_PICK = {"publish", "fetch", "advance", "replay"}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=operations)
+def test_sqlite_matches_the_reference_broker(script: list[tuple[Any, ...]]) -> None:
+    """Random publish/fetch/ack/nack/hand-back/extend/dead-letter/replay/time scripts: the
+    SQLite broker delivers exactly what MemoryBroker delivers (ids, order, attempts)."""
+    with tempfile.TemporaryDirectory() as directory:
+        run(play(script, directory))

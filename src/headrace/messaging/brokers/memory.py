@@ -45,7 +45,17 @@ _CAPABILITIES = BrokerCapabilities(
 class _Record:
     """One stored message; ``version`` invalidates heap entries made before a change."""
 
-    __slots__ = ("attempt", "body", "headers", "id", "key", "lease_token", "seq", "version")
+    __slots__ = (
+        "attempt",
+        "body",
+        "headers",
+        "id",
+        "key",
+        "lease_token",
+        "ready_at",
+        "seq",
+        "version",
+    )
 
     def __init__(
         self, id: str, seq: int, body: bytes, headers: dict[str, str], key: str | None
@@ -55,9 +65,14 @@ class _Record:
         self.body = body
         self.headers = headers
         self.key = key
-        # The attempt number of the next (or current) delivery.
+        # The attempt number of the current or last delivery, or of the next one after a
+        # nack or hand-back; a delivery after an expired lease adds one.
         self.attempt = 1
+        # The current or last delivery's token; None once returned (nack, hand-back).
         self.lease_token: int | None = None
+        # Deliverable from (clock seconds); also its place in the order: messages are
+        # delivered by (ready_at, seq), like the SQLite broker's (ready_at, id).
+        self.ready_at = 0.0
         self.version = 0
 
 
@@ -68,7 +83,7 @@ class _Topic:
 
     def __init__(self) -> None:
         self.records: dict[str, _Record] = {}
-        self.ready: list[tuple[int, int, str]] = []  # (seq, version, id): publish order
+        self.ready: list[tuple[float, int, int, str]] = []  # (ready_at, seq, version, id)
         self.delayed: list[tuple[float, int, int, str]] = []  # (ready_at, seq, version, id)
         self.leases: list[tuple[float, int, str]] = []  # (lease_until, version, id)
         self.dead: list[DeadLetter] = []
@@ -78,13 +93,17 @@ class _Topic:
         record = self.records.get(id)
         return record if record is not None and record.version == version else None
 
-    def make_ready(self, record: _Record, now: float, delay: float) -> None:
+    def requeue(self, record: _Record, now: float, ready_at: float | None) -> None:
+        """Make ``record`` deliverable from ``ready_at`` (None: keep its place)."""
         record.lease_token = None
+        if ready_at is not None:
+            record.ready_at = ready_at
+        self.queue(record, now)
+
+    def queue(self, record: _Record, now: float) -> None:
         record.version += 1
-        if delay > 0:
-            heapq.heappush(self.delayed, (now + delay, record.seq, record.version, record.id))
-        else:
-            heapq.heappush(self.ready, (record.seq, record.version, record.id))
+        entry = (record.ready_at, record.seq, record.version, record.id)
+        heapq.heappush(self.delayed if record.ready_at > now else self.ready, entry)
 
     def next_due(self) -> float | None:
         """When a delayed message becomes ready or a lease expires (may be stale: early)."""
@@ -127,8 +146,9 @@ class MemoryBroker:
     The reference adapter of the :class:`~headrace.messaging.Broker` contract: every
     rule of the contract holds (the conformance suite runs against it first), nothing is
     persisted. Messages of a topic are delivered in publish order; a message handed back
-    or whose lease expired goes back to its place in that order, a nacked one waits
-    ``delay`` seconds. All time (leases, delays, ``fetch`` timeouts) is read through
+    or whose lease expired goes back to its place in that order, a nacked one goes to
+    the end after waiting ``delay`` seconds (the same order as :class:`SqliteBroker`,
+    which a differential test checks). All time (leases, delays, ``fetch`` timeouts) is read through
     ``clock``, so tests on a virtual clock see exact times.
 
     ``name`` shares the messages between every ``MemoryBroker`` of this process opened
@@ -236,7 +256,7 @@ class MemoryBroker:
             seq = next(self._store.sequence)
             record = _Record(str(seq), seq, message.body, dict(message.headers), message.key)
             queue.records[record.id] = record
-            queue.make_ready(record, now, message.delay)
+            queue.requeue(record, now, now + message.delay)
             ids.append(record.id)
         if ids:
             queue.wake()
@@ -287,33 +307,33 @@ class MemoryBroker:
     def _claim(
         self, topic: str, queue: _Topic, limit: int, now: float, lease: float
     ) -> list[Message]:
-        # Expired leases first: those messages go back to their place, one attempt spent.
+        # Expired leases first: those messages go back to their place. They keep their
+        # token (a late nack or extend_lease of that delivery still counts, as in SQLite)
+        # and their next delivery counts one more attempt.
         while queue.leases and queue.leases[0][0] <= now:
             _, version, id = heapq.heappop(queue.leases)
             record = queue.live(version, id)
             if record is not None:
-                record.attempt += 1
-                queue.make_ready(record, now, 0.0)
+                queue.queue(record, now)
         while queue.delayed and queue.delayed[0][0] <= now:
-            _, _, version, id = heapq.heappop(queue.delayed)
-            record = queue.live(version, id)
-            if record is not None:
-                record.version += 1
-                heapq.heappush(queue.ready, (record.seq, record.version, record.id))
+            heapq.heappush(queue.ready, heapq.heappop(queue.delayed))
         batch: list[Message] = []
         cap = self._max_deliveries
         until = now + lease
         while queue.ready and len(batch) < limit:
-            _, version, id = heapq.heappop(queue.ready)
+            _, _, version, id = heapq.heappop(queue.ready)
             record = queue.live(version, id)
             if record is None:
                 continue
-            if cap is not None and record.attempt > cap:
+            attempt = record.attempt + (record.lease_token is not None)
+            if cap is not None and attempt > cap:
                 del queue.records[id]
                 message = self._message(topic, record, None)
-                error = max_deliveries_record(topic, id, record.attempt - 1, cap)
+                message.attempt = attempt - 1  # the last delivery's attempt
+                error = max_deliveries_record(topic, id, attempt - 1, cap)
                 queue.dead.append(DeadLetter(message, error, time.time()))
                 continue
+            record.attempt = attempt
             record.lease_token = next(self._store.tokens)
             record.version += 1
             heapq.heappush(queue.leases, (until, record.version, id))
@@ -370,9 +390,10 @@ class MemoryBroker:
     async def hand_back(self, messages: Sequence[Message]) -> None:
         """Return fetched-but-unhandled messages at once, without counting an attempt."""
         self._check_open("hand_back")
-        self._return(messages, 0.0, cost=0)
+        self._return(messages, None, cost=0)
 
-    def _return(self, messages: Sequence[Message], delay: float, *, cost: int) -> None:
+    def _return(self, messages: Sequence[Message], delay: float | None, *, cost: int) -> None:
+        # delay None: back at once, at the message's place in the order (a hand-back).
         now = self._clock.now()
         woken: set[int] = set()
         for message in messages:
@@ -381,7 +402,7 @@ class MemoryBroker:
                 continue
             queue, record = found
             record.attempt += cost
-            queue.make_ready(record, now, delay)
+            queue.requeue(record, now, None if delay is None else now + delay)
             if id(queue) not in woken:
                 woken.add(id(queue))
                 # Also for a delay: waiting fetches must re-plan their wake-up time.

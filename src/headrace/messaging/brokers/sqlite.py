@@ -580,25 +580,30 @@ class SqliteBroker:
             with self._transaction() as conn:
                 if ids:  # acks that arrived meanwhile share this transaction
                     self._delete_sync(conn, ids)
-                rows = conn.execute(
-                    "SELECT id, body, headers, key, attempt + (lease_token IS NOT NULL) "
-                    "FROM headrace_messages WHERE topic = ? AND ready_at <= ? "
-                    "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY ready_at, id LIMIT ?",
-                    (topic, now, now, limit),
-                ).fetchall()
-                if rows:
-                    # Only unindexed columns change: no index entry moves.
-                    conn.execute(
-                        "UPDATE headrace_messages SET lease_until = ?, lease_token = ?, "
-                        "attempt = attempt + (lease_token IS NOT NULL) "
-                        f"WHERE id IN ({_marks(len(rows))})",
-                        (until, token, *(row[0] for row in rows)),
-                    )
-                if cap is not None:
-                    over = [r for r in rows if r[4] > cap]
-                    if over:
+                rows: list[Any] = []
+                # Again only when messages over max_deliveries took places in the batch.
+                while len(rows) < limit:
+                    found = conn.execute(
+                        "SELECT id, body, headers, key, attempt + (lease_token IS NOT NULL) "
+                        "FROM headrace_messages WHERE topic = ? AND ready_at <= ? AND "
+                        "(lease_until IS NULL OR lease_until <= ?) ORDER BY ready_at, id LIMIT ?",
+                        (topic, now, now, limit - len(rows)),
+                    ).fetchall()
+                    over = [] if cap is None else [r for r in found if r[4] > cap]
+                    if cap is not None and over:
                         self._dead_letter_rows(conn, topic, over, now, cap)
-                        rows = [r for r in rows if r[4] <= cap]
+                        found = [r for r in found if r[4] <= cap]
+                    if found:
+                        # Only unindexed columns change: no index entry moves.
+                        conn.execute(
+                            "UPDATE headrace_messages SET lease_until = ?, lease_token = ?, "
+                            "attempt = attempt + (lease_token IS NOT NULL) "
+                            f"WHERE id IN ({_marks(len(found))})",
+                            (until, token, *(row[0] for row in found)),
+                        )
+                        rows += found
+                    if not over:
+                        break
         except Exception:
             if ids:  # the acks did not commit: they wait for the next flush
                 with self._ack_lock:
