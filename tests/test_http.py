@@ -315,8 +315,9 @@ async def test_breaking_out_of_fetch_all_stops_the_workers() -> None:
                 if seen == 20:
                     break
         assert fetcher.statistics().in_flight == 0
-    # At most workers + buffer requests were taken from the endless source.
-    assert server.requests <= 20 + 10
+    # At most workers + buffer (2 x 10 by default) more than were consumed were taken
+    # from the endless source.
+    assert server.requests <= 20 + 20
 
 
 @real_time
@@ -598,7 +599,8 @@ async def test_fetch_all_ordered_yields_in_input_order() -> None:
 
 @real_time
 async def test_fetch_all_from_an_async_generator_with_few_workers() -> None:
-    """An async source feeds a bounded pool: only `workers` tasks exist, whatever the size."""
+    """An async source feeds a bounded pool: only 2 x max_concurrency worker tasks exist,
+    however many requests, and connections stay within max_concurrency."""
 
     async def source() -> AsyncIterator[str]:
         for i in range(200):
@@ -613,7 +615,7 @@ async def test_fetch_all_from_an_async_generator_with_few_workers() -> None:
             workers = [t for t in asyncio.all_tasks() if "fetch_all worker" in t.get_name()]
             peak = max(peak, len(workers))
     assert count == 200
-    assert peak <= 4
+    assert peak <= 8  # the default: twice max_concurrency
     assert server.accepted <= 4
 
 
@@ -735,3 +737,34 @@ async def test_fetch_as_a_pipeline_stage() -> None:
     assert bodies == [b"xxx"] * 40
     assert server.accepted <= 4
     assert server.peak_active <= 4
+
+
+@real_time
+async def test_stream_read_is_capped_and_full_reads_reuse_the_connection() -> None:
+    """stream().read() stops at max_body_size; a body read to the end keeps the connection."""
+    async with (
+        HttpTestServer() as server,
+        Fetcher(max_concurrency=1, max_body_size=1000) as fetcher,
+    ):
+        with pytest.raises(HttpError) as info:
+            async with fetcher.stream(server.url("/chunked?size=200000")) as response:
+                await response.read()
+        assert info.value.code == "http_body_too_large"
+        for _ in range(3):
+            async with fetcher.stream(server.url("/chunked?size=900")) as response:
+                chunks = [chunk async for chunk in response.iter_chunks(300)]
+            assert b"".join(chunks) == b"y" * 900
+        stats = fetcher.statistics()
+    assert stats.connections_discarded == 1
+    assert server.accepted == 2  # one closed by the cap, one reused three times
+
+
+@real_time
+async def test_head_and_text_bodies() -> None:
+    """HEAD gets no body and keeps the connection; a str body is sent UTF-8 encoded."""
+    async with HttpTestServer() as server, Fetcher(max_concurrency=1) as fetcher:
+        head = await fetcher.fetch(Request(server.url("/ok?size=100"), method="HEAD"))
+        echo = await fetcher.fetch(Request(server.url("/echo"), method="PUT", body="héllo"))
+    assert (head.status, head.body) == (200, b"")
+    assert echo.text() == "PUT héllo"
+    assert server.accepted == 1

@@ -157,7 +157,7 @@ class ResultStream:
                 # Awaiting _execute directly (not through a helper coroutine): one await
                 # level less to pass through on every resume.
                 try:
-                    response = await execute(request)
+                    response = await execute(request, bounded=False)
                 except HeadraceError as exc:
                     result = Result(index, request, None, exc)
                 except Exception as exc:

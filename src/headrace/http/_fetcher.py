@@ -371,7 +371,7 @@ class Fetcher:
             raise error
         return response
 
-    async def _execute(self, request: Request) -> Response:
+    async def _execute(self, request: Request, *, bounded: bool = True) -> Response:
         self._ensure_open()
         self._requests += 1
         try:
@@ -400,7 +400,7 @@ class Fetcher:
                     # worker and aiohttp is paid again on every resume, and in B6 the
                     # extra levels cost more client CPU than everything else we add.
                     attempt = failures + 1
-                    host_slots = await self._acquire_slot(prepared)
+                    host_slots = await self._acquire_slot(prepared, bounded)
                     self._attempts += 1
                     self._in_flight += 1
                     try:
@@ -481,8 +481,13 @@ class Fetcher:
             return None
         return delay
 
-    async def _acquire_slot(self, prepared: Prepared) -> asyncio.Semaphore | None:
+    async def _acquire_slot(
+        self, prepared: Prepared, bounded: bool = True
+    ) -> asyncio.Semaphore | None:
         """Wait for the rate limiter, then a host slot and a global slot.
+
+        ``bounded=False`` (fetch_all's workers, whose queueing is by design) waits
+        without ``slot_wait``.
 
         Returns the host semaphore to release (with the global one) in
         :meth:`_release_slot`. Inlined rather than an ``async with`` helper: this is the
@@ -503,7 +508,9 @@ class Fetcher:
             return host_slots
         self._waiting += 1
         try:
-            await self._wait_for_slots(prepared, host_slots, slots)
+            await self._wait_for_slots(
+                prepared, host_slots, slots, self.timeouts.slot_wait if bounded else None
+            )
         finally:
             self._waiting -= 1
         return host_slots
@@ -519,8 +526,8 @@ class Fetcher:
         prepared: Prepared,
         host_slots: asyncio.Semaphore | None,
         slots: asyncio.Semaphore,
+        limit: float | None,
     ) -> None:
-        limit = self.timeouts.slot_wait
         if limit is None:
             # No bound: plain waits, no deadline scope (hundreds may queue here at once).
             if host_slots is None:
@@ -781,11 +788,18 @@ class Fetcher:
     ) -> ResultStream:
         """Stream a :class:`Result` per request, fetched by a bounded pool of workers.
 
-        ``workers`` (default ``max_concurrency``) long-lived tasks pull requests from the
-        (sync or async, possibly endless) iterable one at a time, so memory stays flat
-        however many requests there are. Results come in completion order, or in input
-        order with ``ordered=True``; at most ``workers + buffer`` (default ``2 *
-        workers``) requests are in flight or finished-but-not-consumed, so a slow
+        ``workers`` (default ``2 * max_concurrency``) long-lived tasks pull requests from
+        the (sync or async, possibly endless) iterable one at a time, so memory stays
+        flat however many requests there are; connections stay within
+        ``max_concurrency`` whatever the number of workers. Why twice the pool: a
+        connection freed by a finished request is taken at once by a worker already
+        queued for it, instead of idling while the finished worker hands its result
+        over; in B6 that was 10-25 % more requests per second, and less CPU per request,
+        than one worker per connection. The workers queue for connection slots without
+        ``slot_wait`` (that bound is for :meth:`fetch` callers competing for slots).
+        Results come in completion order, or in input order with ``ordered=True``; at
+        most ``workers + buffer`` (default ``2 * workers``) requests are in flight or
+        finished-but-not-consumed, so a slow
         consumer or a slow head-of-line request pauses the workers instead of growing a
         buffer. A failed request yields a :class:`Result` with ``error`` set and the rest
         go on; ``fail_fast=True`` raises the first error instead and stops the workers.
@@ -793,7 +807,7 @@ class Fetcher:
         so that the workers are stopped and awaited when you leave.
         """
         if workers is None:
-            workers = self.max_concurrency
+            workers = 2 * self.max_concurrency
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ConfigurationError(f"fetch_all(workers={workers!r}) must be an int >= 1")
         if buffer is None:
