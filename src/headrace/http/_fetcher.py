@@ -799,10 +799,10 @@ class Fetcher:
         ``slot_wait`` (that bound is for :meth:`fetch` callers competing for slots).
         Results come in completion order, or in input order with ``ordered=True``; at
         most ``workers + buffer`` (default ``2 * workers``) requests are in flight or
-        finished-but-not-consumed, so a slow
-        consumer or a slow head-of-line request pauses the workers instead of growing a
-        buffer. A failed request yields a :class:`Result` with ``error`` set and the rest
-        go on; ``fail_fast=True`` raises the first error instead and stops the workers.
+        finished-but-not-consumed, so a slow consumer or a slow head-of-line request
+        pauses the workers instead of growing a buffer. A failed request yields a
+        :class:`Result` with ``error`` set and the rest go on; ``fail_fast=True`` raises
+        the first error instead and stops the workers.
         Iterate it with ``async for``; wrap it in ``async with`` if you may stop early,
         so that the workers are stopped and awaited when you leave.
         """
