@@ -175,7 +175,7 @@ async def test_delayed_retry_uses_ready_at(tmp_path: Path) -> None:
         await broker.nack([first], delay=5.0)
         assert rows(
             path, "SELECT ready_at, attempt, lease_token, lease_until FROM headrace_messages"
-        ) == [(wall.now + 5.0, 2, None, None)]
+        ) == [(wall.now + 5.0, 2, 2**60, -0.5)]  # -0.5 and 2**60: no lease
         wall.now += 4.999
         assert await broker.fetch("jobs", 1, timeout=0, lease=30.0) == []
         wall.now += 0.001
