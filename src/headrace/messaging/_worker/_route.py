@@ -404,7 +404,10 @@ class Route:
         await self._settle(self._nack(message, delay), message, "nack")
 
     async def _nack(self, message: Message, delay: float) -> None:
-        delayed = delay if self.broker.capabilities.delayed_nack else 0.0
+        # Full jitter can draw a delay of nanoseconds: that is "now", and a broker
+        # timer that rounds it to its clock's resolution could wake before the message
+        # is due, again and again (seen with MemoryBroker on the virtual clock).
+        delayed = delay if self.broker.capabilities.delayed_nack and delay >= 0.001 else 0.0
         await self.broker.nack([message], delay=delayed)
         self.retry_due = max(self.retry_due, self.clock.now() + delayed)
         self.counters.retried += 1
