@@ -490,3 +490,27 @@ async def test_fetch_in_progress_at_stop_is_finished_and_handed_back(clock: Cloc
     assert broker.handed_back[0][0] == 1.5
     [left] = await remaining(broker, "jobs")
     assert (left.body, left.attempt) == (b"late", 1)
+
+
+async def test_cancelling_run_acks_handled_and_hands_back_the_rest(clock: Clock) -> None:
+    """Cancelling the task running worker.run() is a forced stop: handled messages are
+    still acked, in-flight ones handed back, and the cancellation propagates."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [b"fast"] * 3 + [b"slow"] * 2)
+    worker = Worker(broker, clock=clock, ack_interval=1000.0, shutdown_timeout=60.0)
+
+    @worker.handler("jobs", concurrency=5)
+    async def handle(message: Message) -> None:
+        if message.body == b"slow":
+            await asyncio.sleep(100)
+
+    task = asyncio.create_task(worker.run(handle_signals=False))
+    await clock.sleep(1.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert clock.now() == 1.0
+    stats = worker.statistics()
+    assert (stats.handled, stats.acked, stats.handed_back) == (3, 3, 2)
+    left = await remaining(broker, "jobs")
+    assert sorted((m.body, m.attempt) for m in left) == [(b"slow", 1), (b"slow", 1)]

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..._cancel import shielded
 from ..._clock import Clock, default_clock
 from ..._errors import ConfigurationError
 from ..._retry import Retry
@@ -384,9 +385,23 @@ class Worker:
                     asyncio.create_task(self._idle_watch(exit_when_idle), name="idle-watch")
                 )
             stop_wait = asyncio.create_task(self._stop_requested.wait(), name="stop-wait")
-            await asyncio.wait([stop_wait, *fetchers, *ackers], return_when="FIRST_COMPLETED")
-            stop_wait.cancel()
-            await asyncio.gather(stop_wait, return_exceptions=True)
+            try:
+                await asyncio.wait([stop_wait, *fetchers, *ackers], return_when="FIRST_COMPLETED")
+            except asyncio.CancelledError:
+                # Cancelling run() is a forced stop: handlers are cut short, but what was
+                # handled is still acked and the rest handed back, in a task of its own.
+                self.stop(force=True)
+                self._state = _State.STOPPING
+                await shielded(
+                    self._shutdown(broker, routes, fetchers, slots, ackers),
+                    timeout=3 * self.settle_timeout,
+                    cause="worker shutdown after cancellation",
+                    clock=self._clock,
+                )
+                raise
+            finally:
+                stop_wait.cancel()
+                await asyncio.gather(stop_wait, return_exceptions=True)
             for task in (*fetchers, *ackers):
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     logger.error("worker task %s died: %r", task.get_name(), task.exception())
