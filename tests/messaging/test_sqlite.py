@@ -294,6 +294,21 @@ async def test_concurrent_acks_commit_together(tmp_path: Path) -> None:
     assert rows(path, "SELECT count(*) FROM headrace_messages") == [(0,)]
 
 
+async def test_close_lets_running_acks_commit(tmp_path: Path) -> None:
+    """close() while acks are on their way: they commit first, nothing fails."""
+    path = tmp_path / "jobs.db"
+    broker = SqliteBroker(path)
+    await broker.connect()
+    await broker.publish("jobs", numbered(30))
+    batches = [await broker.fetch("jobs", 10, timeout=0, lease=30.0) for _ in range(3)]
+    async with asyncio.TaskGroup() as group:
+        for batch in batches:
+            group.create_task(broker.ack(batch))
+        await asyncio.sleep(0)  # the acks are queued on the broker's thread
+        group.create_task(broker.close())
+    assert rows(path, "SELECT count(*) FROM headrace_messages") == [(0,)]
+
+
 async def test_large_batches(tmp_path: Path) -> None:
     """Publishing and acking 2,500 messages in one call (beyond one statement's limit) works."""
     async with SqliteBroker(tmp_path / "jobs.db") as broker:
