@@ -348,6 +348,15 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     await broker.close()
 
 
+async def test_in_memory_database() -> None:
+    """SqliteBroker(":memory:") works as a private, non-durable broker."""
+    async with open_broker("sqlite:///:memory:") as broker:
+        await broker.publish("jobs", numbered(2))
+        got = await broker.fetch("jobs", 5, timeout=0, lease=1.0)
+        assert [m.body for m in got] == [b"0", b"1"]
+        await broker.ack(got)
+
+
 def test_constructor_validates() -> None:
     """Bad options are ConfigurationErrors naming the option."""
     with pytest.raises(ConfigurationError, match="max_deliveries=0"):

@@ -13,6 +13,8 @@ a write). Why these choices:
   lease needs no reaper: the row is simply deliverable again, and the claim that takes
   it (still carrying the old token) counts one more attempt. Leased rows sit at the
   head of the index until acked, so a claim steps over at most the in-flight messages.
+  "No lease" is stored as same-size sentinels rather than NULLs, so a claimed row does
+  not grow and split its page.
 * **Wall-clock time** (``time.time()``, injectable): leases are compared across
   processes, which do not share a monotonic clock.
 * **A dedicated thread per broker** owns the connection (sqlite3 connections are tied
@@ -235,6 +237,14 @@ class SqliteBroker:
     Safe to share between the tasks of one event loop (operations queue on the
     broker's thread); use one broker per process. Always ``close()`` it (or use
     ``async with``); an unclosed broker emits ``ResourceWarning``.
+
+    Example::
+
+        async with SqliteBroker("jobs.db") as broker:
+            await broker.publish("emails", [OutgoingMessage(b'{"to": "a@b.c"}')])
+            batch = await broker.fetch("emails", 100, timeout=5.0, lease=30.0)
+            ...  # handle them, then
+            await broker.ack(batch)
     """
 
     def __init__(
