@@ -76,6 +76,17 @@ def _redis_case(request: pytest.FixtureRequest) -> BrokerMaker:
     return make
 
 
+def _sqlite_wall_case(request: pytest.FixtureRequest) -> BrokerMaker:
+    # As in production: leases on time.time(), waiting on the loop's monotonic clock.
+    path = request.getfixturevalue("tmp_path") / "broker.db"
+
+    def make(**options: Any) -> Broker:
+        options.setdefault("poll_interval", 0.05)
+        return SqliteBroker(path, **options)
+
+    return make
+
+
 @dataclass(frozen=True)
 class CaseSpec:
     build: Callable[[pytest.FixtureRequest], BrokerMaker]
@@ -85,6 +96,7 @@ class CaseSpec:
 BROKER_CASES: dict[str, CaseSpec] = {
     "memory": CaseSpec(_memory_case),
     "sqlite": CaseSpec(_sqlite_case),
+    "sqlite-wall": CaseSpec(_sqlite_wall_case, real_time=True),
     "redis": CaseSpec(_redis_case, real_time=True),
 }
 
