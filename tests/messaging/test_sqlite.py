@@ -309,6 +309,32 @@ async def test_close_lets_running_acks_commit(tmp_path: Path) -> None:
     assert rows(path, "SELECT count(*) FROM headrace_messages") == [(0,)]
 
 
+@pytest.mark.parametrize("yields", [0, 1, 2, 5])
+async def test_cancelled_fetch_then_close_loses_no_lease(tmp_path: Path, yields: int) -> None:
+    """A fetch cancelled during its claim, then close() at once: the claim is handed back
+    before the connection closes, whichever side of the claim's commit the cancel fell."""
+    path = tmp_path / "jobs.db"
+    wall = FakeWallTime()
+    async with SqliteBroker(path, time=wall) as producer:
+        await producer.publish("jobs", numbered(3))
+    broker = SqliteBroker(path, time=wall)
+    await broker.connect()
+    task = asyncio.create_task(broker.fetch("jobs", 3, timeout=0, lease=30.0))
+    for _ in range(yields + 1):
+        await asyncio.sleep(0)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    else:  # the fetch won the race: its caller got the messages and hands them back
+        await broker.hand_back(task.result())
+    await broker.close()
+    async with SqliteBroker(path, time=wall) as again:  # no time passes: no lease expires
+        got = await again.fetch("jobs", 3, timeout=0, lease=30.0)
+    assert [(m.body, m.attempt) for m in got] == [(b"0", 1), (b"1", 1), (b"2", 1)]
+
+
 async def test_large_batches(tmp_path: Path) -> None:
     """Publishing and acking 2,500 messages in one call (beyond one statement's limit) works."""
     async with SqliteBroker(tmp_path / "jobs.db") as broker:

@@ -34,6 +34,7 @@ Bodies are stored as BLOBs, headers as JSON; nothing is pickled.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import secrets
@@ -147,6 +148,17 @@ def _decode_headers(text: str | None) -> dict[str, str]:
         return {}
     decoded: dict[str, str] = msgspec.json.decode(text)
     return decoded
+
+
+class _Abandon:
+    """A claim whose fetch was cancelled while it ran: its messages must go back."""
+
+    __slots__ = ("cancelled", "messages", "released")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.released = False
+        self.messages: list[Message] = []
 
 
 class _Waiter:
@@ -294,8 +306,10 @@ class SqliteBroker:
         self._connected = False
         self._closed = False
         self._waiters: set[_Waiter] = set()
-        # Acks waiting for the broker's thread: the next flush job or claim commits them.
-        self._ack_lock = threading.Lock()
+        # Guards what the loop and the broker's thread share: the acks waiting for the
+        # thread (the next flush job or claim commits them) and abandoned claims.
+        self._lock = threading.Lock()
+        self._abandoned: set[_Abandon] = set()
         self._pending_ids: list[int] = []
         self._pending_acks: list[asyncio.Future[None]] = []
         self._flush_queued = False
@@ -451,6 +465,11 @@ class SqliteBroker:
             self._executor.shutdown(wait=False)
 
     def _close_sync(self) -> None:
+        # Claims abandoned by cancelled fetches whose hand-back is not through yet.
+        with self._lock:
+            abandoned = list(self._abandoned)
+        for abandon in abandoned:
+            self._release_sync(abandon)
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
@@ -560,9 +579,10 @@ class SqliteBroker:
         if not self._connected:
             await self.connect()
         token = _new_token()
+        abandon = _Abandon()
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(
-            self._executor, self._claim_sync, topic, limit, now, now + lease, token
+            self._executor, self._claim_sync, topic, limit, now, now + lease, token, abandon
         )
         future.add_done_callback(self._after_claim)
         try:
@@ -574,9 +594,13 @@ class SqliteBroker:
                 messages, due, _ = await asyncio.shield(future)
                 return messages, due
         except asyncio.CancelledError:
-            # The claim may commit after we stop waiting: hand its messages back then,
-            # so a cancelled fetch does not park them until their lease expires.
-            future.add_done_callback(self._release_orphans)
+            # The claim may commit after we stop waiting: its messages go back at once
+            # (not after their lease), by the claim's own job if it sees the flag in
+            # time, else by a hand-back queued when it returns.
+            with self._lock:
+                abandon.cancelled = True
+                self._abandoned.add(abandon)
+            future.add_done_callback(functools.partial(self._release_orphans, abandon))
             raise
 
     def _after_claim(self, future: asyncio.Future[_ClaimOutcome]) -> None:
@@ -589,19 +613,28 @@ class SqliteBroker:
         else:
             self._schedule_ack_flush()
 
-    def _release_orphans(self, future: asyncio.Future[_ClaimOutcome]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return
-        messages = future.result()[0]
-        if not messages or self._conn is None:
+    def _release_orphans(self, abandon: _Abandon, future: asyncio.Future[_ClaimOutcome]) -> None:
+        if abandon.released:
             return
         try:
-            self._executor.submit(self._return_sync, messages, None, 0)
-        except RuntimeError:  # closed meanwhile: the leases expire instead
+            self._executor.submit(self._release_sync, abandon)
+        except RuntimeError:  # closed: _close_sync released it already
+            pass
+
+    def _release_sync(self, abandon: _Abandon) -> None:
+        """Hand an abandoned claim's messages back (on the thread; idempotent)."""
+        with self._lock:
+            self._abandoned.discard(abandon)
+            if abandon.released or not abandon.messages or self._conn is None:
+                return
+            abandon.released = True
+        try:
+            self._return_sync(abandon.messages, None, 0)
+        except Exception:  # the leases expire instead; never lost
             pass
 
     def _claim_sync(
-        self, topic: str, limit: int, now: float, until: float, token: int
+        self, topic: str, limit: int, now: float, until: float, token: int, abandon: _Abandon
     ) -> _ClaimOutcome:
         conn = self._conn
         assert conn is not None, "used before connect"
@@ -648,7 +681,7 @@ class SqliteBroker:
                     acks += late_acks
         except Exception:
             if ids:  # the acks did not commit: they wait for the next flush
-                with self._ack_lock:
+                with self._lock:
                     self._pending_ids[:0] = ids
                     self._pending_acks[:0] = acks
             raise
@@ -664,6 +697,9 @@ class SqliteBroker:
             )
             for id, body, headers, key, attempt in rows
         ]
+        abandon.messages = messages
+        if abandon.cancelled:
+            self._release_sync(abandon)
         return messages, None, acks
 
     @staticmethod
@@ -728,7 +764,7 @@ class SqliteBroker:
             await self.connect()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        with self._ack_lock:
+        with self._lock:
             self._pending_ids.extend(ids)
             self._pending_acks.append(done)
         self._schedule_ack_flush()
@@ -740,7 +776,7 @@ class SqliteBroker:
             await done
 
     def _schedule_ack_flush(self) -> None:
-        with self._ack_lock:
+        with self._lock:
             if self._flush_queued or not self._pending_acks:
                 return
             self._flush_queued = True
@@ -754,13 +790,13 @@ class SqliteBroker:
         job.add_done_callback(_settle_acks)
 
     def _take_acks(self) -> tuple[list[int], list[asyncio.Future[None]]]:
-        with self._ack_lock:
+        with self._lock:
             ids, self._pending_ids = self._pending_ids, []
             acks, self._pending_acks = self._pending_acks, []
         return ids, acks
 
     def _flush_acks_sync(self) -> _AckOutcome:
-        with self._ack_lock:
+        with self._lock:
             self._flush_queued = False
         ids, acks = self._take_acks()
         if not ids:
