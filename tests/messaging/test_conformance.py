@@ -382,6 +382,31 @@ async def test_persistent_messages_survive_reopen(broker_case: BrokerCase) -> No
         await second.ack([message])
 
 
+@pytest.mark.parametrize("yields", [0, 1, 3])
+async def test_cancelled_fetch_parks_nothing(
+    broker_case: BrokerCase, clock: Clock, yields: int
+) -> None:
+    """A fetch cancelled mid-flight leaves no message leased: all come back at once,
+    without an attempt charged (not after the 30 s lease)."""
+    async with broker_case.open() as broker:
+        await broker.publish("jobs", numbered(3))
+        task = asyncio.create_task(broker.fetch("jobs", 3, timeout=5.0, lease=30.0))
+        for _ in range(yields + 1):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        else:  # the fetch finished first: its caller hands the messages back
+            await broker.hand_back(task.result())
+        start = clock.now()
+        got = await fetch_all(broker, "jobs", 3, lease=30.0)
+        assert clock.now() - start < SLACK
+        assert sorted((m.body, m.attempt) for m in got) == [(b"0", 1), (b"1", 1), (b"2", 1)]
+        await broker.ack(got)
+
+
 async def test_use_after_close_raises(broker_case: BrokerCase) -> None:
     """Every operation on a closed broker raises ClosedResourceError; close is idempotent."""
     async with broker_case.open() as broker:
