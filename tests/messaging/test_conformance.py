@@ -64,6 +64,22 @@ async def test_publish_returns_ids_and_fetch_delivers_fields(broker_case: Broker
         await broker.ack(got)
 
 
+async def test_bodies_and_headers_round_trip(broker_case: BrokerCase) -> None:
+    """Empty, binary (not UTF-8) and 1 MiB bodies and unicode headers and keys come back
+    byte for byte."""
+    bodies = [b"", bytes(range(256)) * 4, b"\x00\xff" * (512 * 1024)]
+    headers = {"trace-id": "\u6f22\u5b57 \u2713", "empty": ""}
+    async with broker_case.open() as broker:
+        ids = await broker.publish(
+            "jobs", [OutgoingMessage(body, key="\u30ad\u30fc", headers=headers) for body in bodies]
+        )
+        got = {m.id: m for m in await fetch_all(broker, "jobs", 3)}
+        assert [got[i].body for i in ids] == bodies
+        assert all(got[i].key == "\u30ad\u30fc" for i in ids)
+        assert all({k: got[i].headers.get(k) for k in headers} == headers for i in ids)
+        await broker.ack(list(got.values()))
+
+
 async def test_publish_of_nothing_returns_no_ids(broker_case: BrokerCase) -> None:
     """publish with an empty batch is a no-op returning []."""
     async with broker_case.open() as broker:
