@@ -335,6 +335,55 @@ async def test_cancelled_fetch_then_close_loses_no_lease(tmp_path: Path, yields:
     assert [(m.body, m.attempt) for m in got] == [(b"0", 1), (b"1", 1), (b"2", 1)]
 
 
+@pytest.mark.real_time
+async def test_a_locked_file_never_blocks_the_loop(tmp_path: Path) -> None:
+    """While another connection holds the write lock, publish waits on the broker's
+    thread and the event loop keeps running; it completes once the lock is released."""
+    path = tmp_path / "jobs.db"
+    async with SqliteBroker(path) as broker:
+        await broker.fetch("jobs", 1, timeout=0, lease=1.0)  # schema in place
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        async with asyncio.TaskGroup() as group:
+            ticker = group.create_task(tick())
+            publish = group.create_task(broker.publish("jobs", numbered(1)))
+            await asyncio.sleep(0.5)
+            assert not publish.done()
+            blocker.execute("COMMIT")
+            blocker.close()
+            await publish
+            ticker.cancel()
+        # ~50 ticks at 10 ms in 0.5 s; a blocked loop would have managed none.
+        assert ticks >= 10
+
+
+async def test_busy_timeout_is_a_broker_error(tmp_path: Path) -> None:
+    """A write lock held longer than busy_timeout fails the operation with BrokerError."""
+    path = tmp_path / "jobs.db"
+    async with SqliteBroker(path, busy_timeout=0.05) as broker:
+        await broker.fetch("jobs", 1, timeout=0, lease=1.0)
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(BrokerError, match="locked") as info:
+                await broker.publish("jobs", numbered(1))
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert info.value.context["operation"] == "publish"
+        assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+        # The broker is still usable afterwards.
+        assert len(await broker.publish("jobs", numbered(1))) == 1
+
+
 async def test_large_batches(tmp_path: Path) -> None:
     """Publishing and acking 2,500 messages in one call (beyond one statement's limit) works."""
     async with SqliteBroker(tmp_path / "jobs.db") as broker:
