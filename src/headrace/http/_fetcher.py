@@ -392,7 +392,10 @@ class Fetcher:
         if budget is not None:
             budget.record_request()
         session = self._session
+        slots = self._slots
         assert session is not None
+        assert slots is not None
+        fast_slots = not self._rate_limited and self.per_host is None
         clock = self._clock
         started = clock.now()
         failures = 0
@@ -407,7 +410,12 @@ class Fetcher:
                     # worker and aiohttp is paid again on every resume, and in B6 the
                     # extra levels cost more client CPU than everything else we add.
                     attempt = failures + 1
-                    host_slots = await self._acquire_slot(prepared, bounded)
+                    if fast_slots and not slots.locked():
+                        # No limiter, no per-host limit, a slot free: skip the helper.
+                        await slots.acquire()
+                        host_slots = None
+                    else:
+                        host_slots = await self._acquire_slot(prepared, bounded)
                     self._attempts += 1
                     self._in_flight += 1
                     try:
@@ -657,7 +665,8 @@ class Fetcher:
             reason=raw.reason or "",
             headers=raw.headers,
             body=body,
-            url=str(raw.url),
+            # The URL we asked for, unless redirects took us elsewhere (saves a str()).
+            url=str(raw.url) if raw.history else prepared.request.url,
             elapsed=self._clock.now() - started,
             attempts=attempt,
         )

@@ -200,7 +200,8 @@ class Response:
     """A completed response: the body was read in full and the connection handed back.
 
     ``headers`` is case-insensitive (``response.headers["content-type"]``); ``url`` is
-    the final URL after redirects; ``elapsed`` covers every attempt and backoff, in
+    the final URL after redirects (the request's own URL, as given, when there were
+    none); ``elapsed`` covers every attempt and backoff, in
     seconds; ``attempts`` counts them (1 = no retry). Immutable and safe to share.
     """
 
