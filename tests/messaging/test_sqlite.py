@@ -69,6 +69,89 @@ asyncio.run(main(sys.argv[1], sys.argv[2] == "die"))
 """
 
 
+# A producer process: publish batches of its own bodies, print {id: body} as JSON.
+PRODUCER = """
+import asyncio, json, sys
+from headrace.messaging import OutgoingMessage, SqliteBroker
+
+async def main(path, name):
+    published = {}
+    async with SqliteBroker(path) as broker:
+        for batch in range(20):
+            bodies = [f"{name}-{batch}-{n}".encode() for n in range(25)]
+            ids = await broker.publish("jobs", [OutgoingMessage(b) for b in bodies])
+            published.update(zip(ids, (b.decode() for b in bodies)))
+            await asyncio.sleep(0.005)
+    print(json.dumps(published), flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+# A consumer that reports {id: body} of what it handled; it stops at the first empty
+# fetch after the file named by argv[2] exists (the producers are done).
+BODY_CONSUMER = """
+import asyncio, json, os, sys
+from headrace.messaging import SqliteBroker
+
+async def main(path, done):
+    handled = {}
+    async with SqliteBroker(path, poll_interval=0.02) as broker:
+        while True:
+            finished = os.path.exists(done)
+            batch = await broker.fetch("jobs", 10, timeout=0.2, lease=30.0)
+            if not batch:
+                if finished:
+                    break
+                continue
+            for m in batch:
+                assert m.id not in handled, m.id
+                handled[m.id] = m.body.decode()
+            await broker.ack(batch)
+    print(json.dumps(handled), flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def run_script(script: str, *args: str) -> dict[str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, *args, stdout=asyncio.subprocess.PIPE
+    )
+    stdout, _ = await process.communicate()
+    assert process.returncode == 0
+    result: dict[str, str] = json.loads(stdout)
+    return result
+
+
+@pytest.mark.real_time
+@pytest.mark.slow
+async def test_processes_publish_and_consume_at_once(tmp_path: Path) -> None:
+    """2 producer and 3 consumer processes on one file at the same time: every id that
+    publish returned names the body it was given, and each is consumed exactly once."""
+    path = tmp_path / "jobs.db"
+    done = tmp_path / "producers-done"
+    async with SqliteBroker(path):  # create the schema before the race
+        pass
+
+    async def produce() -> list[dict[str, str]]:
+        produced = await asyncio.gather(
+            run_script(PRODUCER, str(path), "a"), run_script(PRODUCER, str(path), "b")
+        )
+        done.touch()
+        return produced
+
+    produced, *handled_by = await asyncio.gather(
+        produce(), *(run_script(BODY_CONSUMER, str(path), str(done)) for _ in range(3))
+    )
+    published = {**produced[0], **produced[1]}
+    assert len(published) == 1000
+    consumed: dict[str, str] = {}
+    for handled in handled_by:
+        assert not set(handled) & set(consumed)
+        consumed.update(handled)
+    assert consumed == published
+
+
 async def run_consumer(path: Path, mode: str, lease: float) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
