@@ -28,7 +28,9 @@ a write). Why these choices:
   committed together with each other and with the next claim (group commit); a claim is
   one ``SELECT`` and one ``UPDATE ... WHERE id IN (...)`` in a ``BEGIN IMMEDIATE``.
 
-Bodies are stored as BLOBs, headers as JSON; nothing is pickled.
+Bodies are stored as BLOBs, headers as JSON; nothing is pickled. The schema and every
+statement live in :mod:`._sqlite_store` (synchronous, run on the broker's thread); this
+module is the asyncio side: waiting, wake-ups, group commit, cancellation.
 """
 
 from __future__ import annotations
@@ -37,17 +39,13 @@ import asyncio
 import functools
 import math
 import os
-import secrets
 import sqlite3
 import threading
 import time as _time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any, TypeVar
-
-import msgspec
 
 from ..._clock import Clock, TimerHandle, default_clock
 from ..._errors import (
@@ -64,8 +62,8 @@ from . import (
     check_lease,
     check_outgoing,
     check_topic,
-    max_deliveries_record,
 )
+from ._sqlite_store import SqliteStore, encode_headers, new_token
 
 __all__ = ["SqliteBroker"]
 
@@ -80,74 +78,9 @@ _CAPABILITIES = BrokerCapabilities(
     persistent=True,
 )
 
-_SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS headrace_messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, so a stale ack cannot hit a newer row
-    topic TEXT NOT NULL,
-    body BLOB NOT NULL,
-    headers TEXT,                          -- JSON object, NULL when empty
-    key TEXT,
-    ready_at REAL NOT NULL,                -- Unix seconds: deliverable from
-    attempt INTEGER NOT NULL DEFAULT 1,    -- attempt number of the next or current delivery
-    lease_token INTEGER NOT NULL DEFAULT 1152921504606846976,  -- last delivery (2**60: none)
-    lease_until REAL NOT NULL DEFAULT -0.5,  -- Unix seconds: lease expiry (-0.5: none)
-    published_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS headrace_messages_ready ON headrace_messages (topic, ready_at);
-CREATE TABLE IF NOT EXISTS headrace_dead_letters (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    message_id TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    body BLOB NOT NULL,
-    headers TEXT,
-    key TEXT,
-    attempt INTEGER NOT NULL,
-    error TEXT NOT NULL,                   -- JSON error record (HeadraceError.to_dict())
-    dead_lettered_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS headrace_dead_letters_topic ON headrace_dead_letters (topic, seq);
-"""
-
-# "No lease" is stored as values of the same size as a real lease (an 8-byte integer, a
-# non-integral REAL): rows that grew when leased split their pages, which made claims
-# and acks about 1.4x slower than with NULLs (benchmarks/sqlite_broker.py).
-_NO_TOKEN = 1 << 60
-_NO_LEASE = -0.5
-assert f"DEFAULT {_NO_TOKEN}" in _SCHEMA
-assert f"DEFAULT {_NO_LEASE}" in _SCHEMA
-assert all(";" not in line.partition("--")[2] for line in _SCHEMA.splitlines())
-
 _SYNCHRONOUS = ("off", "normal", "full", "extra")
-# SQLite's default limit on bound parameters per statement is 32766; stay well below.
-_CHUNK = 900
 
 _ERRORS: Mapping[type[BaseException], type[HeadraceError]] = {sqlite3.Error: BrokerError}
-
-
-def _chunks(items: Sequence[_T], size: int = _CHUNK) -> Iterator[Sequence[_T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _new_token() -> int:
-    """A random lease token in [2**59, 2**60): always 8 bytes on disk, never _NO_TOKEN."""
-    return secrets.randbits(59) | (1 << 59)
-
-
-def _marks(count: int) -> str:
-    return ",".join("?" * count)
-
-
-def _encode_headers(headers: Mapping[str, str]) -> str | None:
-    return msgspec.json.encode(dict(headers)).decode() if headers else None
-
-
-def _decode_headers(text: str | None) -> dict[str, str]:
-    if not text:
-        return {}
-    decoded: dict[str, str] = msgspec.json.decode(text)
-    return decoded
 
 
 class _Abandon:
@@ -302,7 +235,12 @@ class SqliteBroker:
         self._last_wall = -math.inf
         self._clock = clock if clock is not None else default_clock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headrace-sqlite")
-        self._conn: sqlite3.Connection | None = None
+        self._store = SqliteStore(
+            self._path,
+            busy_timeout=self._busy_timeout,
+            synchronous=self._synchronous,
+            max_deliveries=max_deliveries,
+        )
         self._connected = False
         self._closed = False
         self._waiters: set[_Waiter] = set()
@@ -347,12 +285,10 @@ class SqliteBroker:
     def __del__(self) -> None:
         if getattr(self, "_connected", False) and not self._closed:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                try:
-                    self._executor.submit(conn.close)
-                except RuntimeError:
-                    pass
+            try:
+                self._executor.submit(self._store.close)
+            except RuntimeError:
+                pass
             self._executor.shutdown(wait=False)
 
     def _check_open(self, operation: str) -> None:
@@ -368,18 +304,6 @@ class SqliteBroker:
             now = self._last_wall
         self._last_wall = now
         return now
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn
-        assert conn is not None, "used before connect"
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     async def _call(self, operation: str, fn: Callable[..., _T], *args: Any) -> _T:
         """Run ``fn(*args)`` on the broker's thread, connecting first if needed."""
@@ -405,43 +329,8 @@ class SqliteBroker:
             message=lambda exc: f"cannot open SQLite broker {self._path!r}: {exc}",
             context={"operation": "connect", "path": self._path},
         ):
-            await loop.run_in_executor(self._executor, self._open_sync)
+            await loop.run_in_executor(self._executor, self._store.open)
         self._connected = True
-
-    def _open_sync(self) -> None:
-        if self._conn is not None:
-            return
-        conn = sqlite3.connect(
-            self._path,
-            timeout=self._busy_timeout,
-            isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
-            check_same_thread=False,  # only this broker's thread uses it; __del__ closes it
-        )
-        try:
-            conn.execute("PRAGMA journal_mode=WAL").fetchone()
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, _SCHEMA_VERSION):
-                raise BrokerError(
-                    f"{self._path!r} has headrace schema version {version}; this headrace "
-                    f"reads version {_SCHEMA_VERSION}",
-                    code="incompatible_schema",
-                )
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                # The schema's comments hold no ";" (checked below the schema).
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
 
     async def close(self) -> None:
         """Close the connection and the broker's thread (idempotent).
@@ -470,9 +359,7 @@ class SqliteBroker:
             abandoned = list(self._abandoned)
         for abandon in abandoned:
             self._release_sync(abandon)
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+        self._store.close()
 
     # -- publishing ---------------------------------------------------------------------
 
@@ -491,30 +378,16 @@ class SqliteBroker:
             (
                 topic,
                 message.body,
-                _encode_headers(message.headers),
+                encode_headers(message.headers),
                 message.key,
                 now + message.delay,
                 now,
             )
             for message in outgoing
         ]
-        ids = await self._call("publish", self._publish_sync, rows)
+        ids = await self._call("publish", self._store.publish, rows)
         _notify_local(self._path_key, topic)
         return ids
-
-    def _publish_sync(self, rows: list[tuple[Any, ...]]) -> list[str]:
-        with self._transaction() as conn:
-            conn.executemany(
-                "INSERT INTO headrace_messages (topic, body, headers, key, ready_at, "
-                "published_at) VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            # AUTOINCREMENT ids are consecutive inside our write transaction.
-            (last,) = conn.execute(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'headrace_messages'"
-            ).fetchone()
-        first = last - len(rows) + 1
-        return [str(i) for i in range(first, last + 1)]
 
     # -- consuming ----------------------------------------------------------------------
 
@@ -578,7 +451,7 @@ class SqliteBroker:
         self._check_open("fetch")
         if not self._connected:
             await self.connect()
-        token = _new_token()
+        token = new_token()
         abandon = _Abandon()
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(
@@ -625,130 +498,42 @@ class SqliteBroker:
         """Hand an abandoned claim's messages back (on the thread; idempotent)."""
         with self._lock:
             self._abandoned.discard(abandon)
-            if abandon.released or not abandon.messages or self._conn is None:
+            if abandon.released or not abandon.messages or self._store.conn is None:
                 return
             abandon.released = True
         try:
-            self._return_sync(abandon.messages, None, 0)
+            self._store.release(abandon.messages, None, 0)
         except Exception:  # the leases expire instead; never lost
             pass
 
     def _claim_sync(
         self, topic: str, limit: int, now: float, until: float, token: int, abandon: _Abandon
     ) -> _ClaimOutcome:
-        conn = self._conn
-        assert conn is not None, "used before connect"
         # A read first (no write lock): idle consumers must not queue on the lock.
-        due = self._next_due(conn, topic)
+        due = self._store.next_due(topic)
         if due is None or due > now:
             return [], due, []
-        cap = self._max_deliveries
-        ids, acks = self._take_acks()
+        taken_ids: list[int] = []
+        taken_acks: list[asyncio.Future[None]] = []
+
+        def take_acks() -> list[int]:
+            ids, acks = self._take_acks()
+            taken_ids.extend(ids)
+            taken_acks.extend(acks)
+            return ids
+
         try:
-            with self._transaction() as conn:
-                if ids:  # acks that arrived meanwhile share this transaction
-                    self._delete_sync(conn, ids)
-                rows: list[Any] = []
-                # Again only when messages over max_deliveries took places in the batch.
-                while len(rows) < limit:
-                    found = conn.execute(
-                        "SELECT id, body, headers, key, attempt + (lease_token != ?) "
-                        "FROM headrace_messages WHERE topic = ? AND ready_at <= ? AND "
-                        "lease_until <= ? ORDER BY ready_at, id LIMIT ?",
-                        (_NO_TOKEN, topic, now, now, limit - len(rows)),
-                    ).fetchall()
-                    over = [] if cap is None else [r for r in found if r[4] > cap]
-                    if cap is not None and over:
-                        self._dead_letter_rows(conn, topic, over, now, cap)
-                        found = [r for r in found if r[4] <= cap]
-                    if found:
-                        # Only unindexed columns change: no index entry moves.
-                        conn.execute(
-                            "UPDATE headrace_messages SET lease_until = ?, lease_token = ?, "
-                            "attempt = attempt + (lease_token != ?) "
-                            f"WHERE id IN ({_marks(len(found))})",
-                            (until, token, _NO_TOKEN, *(row[0] for row in found)),
-                        )
-                        rows += found
-                    if not over:
-                        break
-                # Acks that arrived while we claimed (the worker acks one batch while it
-                # fetches the next) still make this commit.
-                late_ids, late_acks = self._take_acks()
-                if late_ids:
-                    self._delete_sync(conn, late_ids)
-                    ids += late_ids
-                    acks += late_acks
+            messages = self._store.claim(topic, limit, now, until, token, take_acks)
         except Exception:
-            if ids:  # the acks did not commit: they wait for the next flush
+            if taken_ids:  # the acks did not commit: they wait for the next flush
                 with self._lock:
-                    self._pending_ids[:0] = ids
-                    self._pending_acks[:0] = acks
+                    self._pending_ids[:0] = taken_ids
+                    self._pending_acks[:0] = taken_acks
             raise
-        messages = [
-            Message(
-                id=str(id),
-                topic=topic,
-                body=body,
-                headers=_decode_headers(headers) if headers else {},
-                attempt=attempt,
-                key=key,
-                receipt=token,
-            )
-            for id, body, headers, key, attempt in rows
-        ]
         abandon.messages = messages
         if abandon.cancelled:
             self._release_sync(abandon)
-        return messages, None, acks
-
-    @staticmethod
-    def _next_due(conn: sqlite3.Connection, topic: str) -> float | None:
-        """When the topic's first message becomes deliverable (None: the topic is empty).
-
-        Walks the index from its head over leased rows up to the first free one: a free
-        row is due at ``ready_at``, a leased one at ``max(ready_at, lease_until)``, and no
-        row after the first free one can be due earlier."""
-        due: float | None = None
-        for ready_at, lease_until in conn.execute(
-            "SELECT ready_at, lease_until FROM headrace_messages WHERE topic = ? "
-            "ORDER BY ready_at, id",
-            (topic,),
-        ):
-            if lease_until == _NO_LEASE:
-                return float(ready_at) if due is None else min(due, float(ready_at))
-            candidate = float(max(ready_at, lease_until))
-            due = candidate if due is None else min(due, candidate)
-        return due
-
-    @staticmethod
-    def _dead_letter_rows(
-        conn: sqlite3.Connection, topic: str, rows: list[Any], now: float, cap: int
-    ) -> None:
-        conn.executemany(
-            "INSERT INTO headrace_dead_letters (message_id, topic, body, headers, key, "
-            "attempt, error, dead_lettered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    str(id),
-                    topic,
-                    body,
-                    headers,
-                    key,
-                    attempt - 1,
-                    msgspec.json.encode(
-                        max_deliveries_record(topic, str(id), attempt - 1, cap)
-                    ).decode(),
-                    now,
-                )
-                for id, body, headers, key, attempt in rows
-            ],
-        )
-        for chunk in _chunks([r[0] for r in rows]):
-            conn.execute(
-                f"DELETE FROM headrace_messages WHERE id IN ({_marks(len(chunk))})",
-                tuple(chunk),
-            )
+        return messages, None, taken_acks
 
     async def ack(self, messages: Sequence[Message]) -> None:
         """Delete handled messages for good, even if their lease expired meanwhile.
@@ -802,19 +587,10 @@ class SqliteBroker:
         if not ids:
             return acks, None
         try:
-            with self._transaction() as conn:
-                self._delete_sync(conn, ids)
+            self._store.delete(ids)
         except Exception as exc:
             return acks, exc
         return acks, None
-
-    @staticmethod
-    def _delete_sync(conn: sqlite3.Connection, ids: list[int]) -> None:
-        for chunk in _chunks(ids):
-            conn.execute(
-                f"DELETE FROM headrace_messages WHERE id IN ({_marks(len(chunk))})",
-                tuple(chunk),
-            )
 
     async def nack(self, messages: Sequence[Message], *, delay: float = 0.0) -> None:
         """Return messages for a retry after ``delay`` seconds, counting an attempt.
@@ -833,7 +609,7 @@ class SqliteBroker:
             )
         if messages:
             ready_at = self._wall() + delay
-            await self._call("nack", self._return_sync, list(messages), ready_at, 1)
+            await self._call("nack", self._store.release, list(messages), ready_at, 1)
             for topic in {m.topic for m in messages}:
                 _notify_local(self._path_key, topic)
 
@@ -842,26 +618,9 @@ class SqliteBroker:
         without counting an attempt."""
         self._check_open("hand_back")
         if messages:
-            await self._call("hand_back", self._return_sync, list(messages), None, 0)
+            await self._call("hand_back", self._store.release, list(messages), None, 0)
             for topic in {m.topic for m in messages}:
                 _notify_local(self._path_key, topic)
-
-    def _return_sync(self, messages: list[Message], ready_at: float | None, cost: int) -> None:
-        # ready_at None: back at once, at the message's place in the order.
-        rows = [(cost, int(m.id), m.receipt) for m in messages if m.receipt is not None]
-        with self._transaction() as conn:
-            if ready_at is None:
-                conn.executemany(
-                    "UPDATE headrace_messages SET lease_until = ?, lease_token = ?, "
-                    "attempt = attempt + ? WHERE id = ? AND lease_token = ?",
-                    [(_NO_LEASE, _NO_TOKEN, *row) for row in rows],
-                )
-            else:
-                conn.executemany(
-                    "UPDATE headrace_messages SET ready_at = ?, lease_until = ?, "
-                    "lease_token = ?, attempt = attempt + ? WHERE id = ? AND lease_token = ?",
-                    [(ready_at, _NO_LEASE, _NO_TOKEN, *row) for row in rows],
-                )
 
     async def extend_lease(self, messages: Sequence[Message], lease: float) -> None:
         """Renew the leases of messages still held by this delivery to ``lease`` s from now."""
@@ -869,15 +628,7 @@ class SqliteBroker:
         check_lease(lease, where="extend_lease(lease)")
         if messages:
             until = self._wall() + lease
-            rows = [(until, int(m.id), m.receipt) for m in messages if m.receipt is not None]
-            await self._call("extend_lease", self._extend_sync, rows)
-
-    def _extend_sync(self, rows: list[tuple[float, int, int]]) -> None:
-        with self._transaction() as conn:
-            conn.executemany(
-                "UPDATE headrace_messages SET lease_until = ? WHERE id = ? AND lease_token = ?",
-                rows,
-            )
+            await self._call("extend_lease", self._store.extend, list(messages), until)
 
     # -- dead letters -------------------------------------------------------------------
 
@@ -886,18 +637,7 @@ class SqliteBroker:
         transaction. A message already acked or dead-lettered is not stored twice."""
         self._check_open("dead_letter")
         encoded = check_error_record(error).decode()
-        await self._call("dead_letter", self._dead_letter_sync, message, encoded, self._wall())
-
-    def _dead_letter_sync(self, message: Message, error: str, now: float) -> None:
-        with self._transaction() as conn:
-            conn.execute(
-                "INSERT INTO headrace_dead_letters (message_id, topic, body, headers, key, "
-                "attempt, error, dead_lettered_at) "
-                "SELECT id, topic, body, headers, key, ?, ?, ? FROM headrace_messages "
-                "WHERE id = ?",
-                (message.attempt, error, now, int(message.id)),
-            )
-            conn.execute("DELETE FROM headrace_messages WHERE id = ?", (int(message.id),))
+        await self._call("dead_letter", self._store.dead_letter, message, encoded, self._wall())
 
     async def dead_letters(self, topic: str, *, limit: int = 100) -> list[DeadLetter]:
         """The newest ``limit`` dead letters of ``topic``, newest first."""
@@ -907,31 +647,7 @@ class SqliteBroker:
             raise ConfigurationError(
                 f"dead_letters(limit={limit!r}) must be an integer >= 1", code="invalid_limit"
             )
-        return await self._call("dead_letters", self._dead_letters_sync, topic, limit)
-
-    def _dead_letters_sync(self, topic: str, limit: int) -> list[DeadLetter]:
-        conn = self._conn
-        assert conn is not None, "used before connect"
-        rows = conn.execute(
-            "SELECT message_id, body, headers, key, attempt, error, dead_lettered_at "
-            "FROM headrace_dead_letters WHERE topic = ? ORDER BY seq DESC LIMIT ?",
-            (topic, limit),
-        ).fetchall()
-        return [
-            DeadLetter(
-                Message(
-                    id=message_id,
-                    topic=topic,
-                    body=body,
-                    headers=_decode_headers(headers),
-                    attempt=attempt,
-                    key=key,
-                ),
-                msgspec.json.decode(error),
-                dead_lettered_at,
-            )
-            for message_id, body, headers, key, attempt, error, dead_lettered_at in rows
-        ]
+        return await self._call("dead_letters", self._store.dead_letters, topic, limit)
 
     async def replay_dead_letters(self, topic: str, ids: Sequence[str] | None = None) -> int:
         """Publish dead letters of ``topic`` again as new messages (attempt 1, same body,
@@ -941,37 +657,8 @@ class SqliteBroker:
         check_topic(topic)
         wanted = None if ids is None else [str(i) for i in ids]
         count = await self._call(
-            "replay_dead_letters", self._replay_sync, topic, wanted, self._wall()
+            "replay_dead_letters", self._store.replay, topic, wanted, self._wall()
         )
         if count:
             _notify_local(self._path_key, topic)
         return count
-
-    def _replay_sync(self, topic: str, ids: list[str] | None, now: float) -> int:
-        with self._transaction() as conn:
-            if ids is None:
-                rows = conn.execute(
-                    "SELECT seq, body, headers, key FROM headrace_dead_letters "
-                    "WHERE topic = ? ORDER BY seq",
-                    (topic,),
-                ).fetchall()
-            else:
-                rows = []
-                for chunk in _chunks(ids):
-                    rows += conn.execute(
-                        "SELECT seq, body, headers, key FROM headrace_dead_letters "
-                        f"WHERE topic = ? AND message_id IN ({_marks(len(chunk))})",
-                        (topic, *chunk),
-                    ).fetchall()
-                rows.sort()
-            conn.executemany(
-                "INSERT INTO headrace_messages (topic, body, headers, key, ready_at, "
-                "published_at) VALUES (?, ?, ?, ?, ?, ?)",
-                [(topic, body, headers, key, now, now) for _, body, headers, key in rows],
-            )
-            for chunk in _chunks([r[0] for r in rows]):
-                conn.execute(
-                    f"DELETE FROM headrace_dead_letters WHERE seq IN ({_marks(len(chunk))})",
-                    tuple(chunk),
-                )
-        return len(rows)
