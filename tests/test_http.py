@@ -24,6 +24,7 @@ from headrace import (
     ClosedResourceError,
     ConfigurationError,
     DeadlineExceeded,
+    HedgePolicy,
     HttpError,
     HttpStatusError,
     HttpTransportError,
@@ -33,7 +34,6 @@ from headrace import (
     RetryBudget,
     TokenBucket,
 )
-from headrace._hedge import HedgePolicy
 from headrace.http import (
     Fetcher,
     Request,
