@@ -26,25 +26,19 @@ the table shows median rates and the medians of the per-round ratios. The full
 
 from __future__ import annotations
 
-import sys
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-# This directory holds benchmarks/http.py, which would shadow the stdlib's http package
-# (FastStream imports http.server); drop it from the import path first.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+import redis.asyncio as aioredis
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Awaitable, Callable  # noqa: E402
-from typing import Any  # noqa: E402
-
-import redis.asyncio as aioredis  # noqa: E402
-
-from headrace.messaging.brokers.redis import RedisBroker  # noqa: E402
+from headrace.messaging.brokers.redis import RedisBroker
 
 GROUP = "bench"
 BATCH = 100

@@ -74,7 +74,7 @@ async def main(items: int, concurrency: int) -> None:
         total_price = 0
         missing: list[int] = []
         started = time.perf_counter()
-        async with Fetcher(max_concurrency=concurrency, retry=retry) as fetcher:
+        async with Fetcher(concurrency=concurrency, retry=retry) as fetcher:
             # A generator of requests: fetch_all pulls from it as workers free up, so
             # memory stays flat however long the list is.
             async for result in fetcher.fetch_all(requests):

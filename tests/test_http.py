@@ -127,7 +127,7 @@ def test_request_normalises_method_and_knows_idempotency() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"max_concurrency": 0}, "Fetcher(max_concurrency=0) must be >= 1"),
+        ({"concurrency": 0}, "Fetcher(concurrency=0) must be >= 1"),
         ({"per_host": 0}, "Fetcher(per_host=0) must be an int >= 1"),
         ({"max_body_size": -1}, "Fetcher(max_body_size=-1) must be an int >= 0 (bytes)"),
         ({"timeout": "fast"}, "timeout='fast' must be a number of seconds or a Timeouts"),
@@ -163,7 +163,7 @@ async def test_slot_wait_expires_at_exactly_slot_wait(clock: Clock) -> None:
     """On the virtual clock, a request that finds every slot taken fails with
     http_slot_timeout at exactly slot_wait seconds, without touching the network."""
     timeouts = Timeouts(slot_wait=0.25)
-    async with Fetcher(max_concurrency=1, timeout=timeouts, clock=clock) as fetcher:
+    async with Fetcher(concurrency=1, timeout=timeouts, clock=clock) as fetcher:
         # White-box: hold the only slot the way an in-flight request would.
         assert fetcher._slots is not None
         await fetcher._slots.acquire()
@@ -176,7 +176,7 @@ async def test_slot_wait_expires_at_exactly_slot_wait(clock: Clock) -> None:
         fetcher._slots.release()
     assert info.value.code == "http_slot_timeout"
     assert info.value.context["elapsed"] == 0.25
-    assert "slot_wait=0.25 s (max_concurrency=1, per_host=None)" in info.value.message
+    assert "slot_wait=0.25 s (concurrency=1, per_host=None)" in info.value.message
 
 
 def _status(status: int, retry_after: float | None) -> HttpStatusError:
@@ -220,9 +220,9 @@ def test_retry_budget_can_veto_a_retry() -> None:
 
 
 @real_time
-async def test_fan_out_opens_at_most_max_concurrency_connections() -> None:
-    """500 GETs through max_concurrency=10 open <= 10 connections and reuse them."""
-    async with HttpTestServer() as server, Fetcher(max_concurrency=10) as fetcher:
+async def test_fan_out_opens_at_most_concurrency_connections() -> None:
+    """500 GETs through concurrency=10 open <= 10 connections and reuse them."""
+    async with HttpTestServer() as server, Fetcher(concurrency=10) as fetcher:
         urls = [server.url(f"/ok?size=2048&i={i}") for i in range(500)]
         results = [result async for result in fetcher.fetch_all(urls)]
         stats = fetcher.statistics()
@@ -242,7 +242,7 @@ async def test_fan_out_opens_at_most_max_concurrency_connections() -> None:
 @real_time
 async def test_chunked_bodies_are_read_and_connections_reused() -> None:
     """Bodies without Content-Length are read to the end, so one connection serves all."""
-    async with HttpTestServer() as server, Fetcher(max_concurrency=1) as fetcher:
+    async with HttpTestServer() as server, Fetcher(concurrency=1) as fetcher:
         for _ in range(20):
             response = await fetcher.fetch(server.url("/chunked?size=20000"))
             assert response.body == b"y" * 20000
@@ -252,7 +252,7 @@ async def test_chunked_bodies_are_read_and_connections_reused() -> None:
 @real_time
 async def test_ignored_small_stream_body_is_drained_and_connection_reused() -> None:
     """A stream whose body the caller never reads is drained, so the connection is reused."""
-    async with HttpTestServer() as server, Fetcher(max_concurrency=1) as fetcher:
+    async with HttpTestServer() as server, Fetcher(concurrency=1) as fetcher:
         for _ in range(10):
             async with fetcher.stream(server.url("/ok?size=30000")) as response:
                 assert response.status == 200
@@ -267,7 +267,7 @@ async def test_ignored_large_stream_body_closes_the_connection() -> None:
     """An unread rest larger than drain_limit is not downloaded: the connection is closed."""
     async with (
         HttpTestServer() as server,
-        Fetcher(max_concurrency=1, drain_limit=10_000) as fetcher,
+        Fetcher(concurrency=1, drain_limit=10_000) as fetcher,
     ):
         for _ in range(3):
             async with fetcher.stream(server.url("/ok?size=500000")) as response:
@@ -282,7 +282,7 @@ async def test_ignored_large_stream_body_closes_the_connection() -> None:
 async def test_cancellation_mid_body_releases_the_connection() -> None:
     """Cancelling a fetch whose body is still arriving closes that connection and frees
     the slot for the next request."""
-    async with HttpTestServer() as server, Fetcher(max_concurrency=1) as fetcher:
+    async with HttpTestServer() as server, Fetcher(concurrency=1) as fetcher:
         task = asyncio.create_task(fetcher.fetch(server.url("/hang-body")))
         await server.wait_for_request()
         await asyncio.sleep(0.05)
@@ -305,7 +305,7 @@ async def test_cancellation_mid_body_releases_the_connection() -> None:
 @real_time
 async def test_breaking_out_of_fetch_all_stops_the_workers() -> None:
     """Leaving `async with fetch_all(...)` early cancels and awaits every worker."""
-    async with HttpTestServer() as server, Fetcher(max_concurrency=5) as fetcher:
+    async with HttpTestServer() as server, Fetcher(concurrency=5) as fetcher:
         urls = (server.url(f"/slow?delay=0.02&i={i}") for i in range(10_000))
         async with fetcher.fetch_all(urls) as results:
             seen = 0
@@ -406,7 +406,7 @@ async def test_raise_for_status_false_returns_the_error_response() -> None:
 @real_time
 async def test_per_host_limit_holds_for_each_host() -> None:
     """per_host=2 keeps at most 2 requests in progress per host, across two hosts."""
-    async with HttpTestServer() as server, Fetcher(max_concurrency=10, per_host=2) as fetcher:
+    async with HttpTestServer() as server, Fetcher(concurrency=10, per_host=2) as fetcher:
         urls = [
             server.url(f"/slow?delay=0.03&i={i}", host=host)
             for i in range(12)
@@ -503,7 +503,7 @@ async def test_timeouts_are_retried_for_get() -> None:
 async def test_slot_wait_timeout_is_separate_from_total() -> None:
     """Queueing for a slot does not count against total; slot_wait bounds it on its own."""
     queued = Timeouts(total=0.3, slot_wait=None)
-    async with HttpTestServer() as server, Fetcher(max_concurrency=1, timeout=queued) as fetcher:
+    async with HttpTestServer() as server, Fetcher(concurrency=1, timeout=queued) as fetcher:
         # Each takes ~0.1 s; the last waits ~0.4 s for its slot, more than total=0.3.
         responses = await asyncio.gather(
             *(fetcher.fetch(server.url(f"/slow?delay=0.1&i={i}")) for i in range(5))
@@ -511,7 +511,7 @@ async def test_slot_wait_timeout_is_separate_from_total() -> None:
         assert [response.status for response in responses] == [200] * 5
 
     bounded = Timeouts(total=30, slot_wait=0.1)
-    async with HttpTestServer() as server, Fetcher(max_concurrency=1, timeout=bounded) as fetcher:
+    async with HttpTestServer() as server, Fetcher(concurrency=1, timeout=bounded) as fetcher:
         busy = asyncio.create_task(fetcher.fetch(server.url("/slow?delay=0.5")))
         await server.wait_for_request()
         with pytest.raises(DeadlineExceeded) as info:
@@ -587,7 +587,7 @@ async def test_fetch_all_fail_fast_raises_the_first_error() -> None:
 @real_time
 async def test_fetch_all_ordered_yields_in_input_order() -> None:
     """ordered=True yields results in input order although later ones finish first."""
-    async with HttpTestServer() as server, Fetcher(max_concurrency=8) as fetcher:
+    async with HttpTestServer() as server, Fetcher(concurrency=8) as fetcher:
         delays = [0.2, 0.0, 0.1, 0.0, 0.15, 0.0, 0.05, 0.0]
         urls = [server.url(f"/slow?delay={delay}&i={i}") for i, delay in enumerate(delays)]
         ordered = [r.index async for r in fetcher.fetch_all(urls, ordered=True)]
@@ -599,14 +599,14 @@ async def test_fetch_all_ordered_yields_in_input_order() -> None:
 
 @real_time
 async def test_fetch_all_from_an_async_generator_with_few_workers() -> None:
-    """An async source feeds a bounded pool: only 2 x max_concurrency worker tasks exist,
-    however many requests, and connections stay within max_concurrency."""
+    """An async source feeds a bounded pool: only 2 x concurrency worker tasks exist,
+    however many requests, and connections stay within concurrency."""
 
     async def source() -> AsyncIterator[str]:
         for i in range(200):
             yield server.url(f"/ok?size=100&i={i}")
 
-    async with HttpTestServer() as server, Fetcher(max_concurrency=4) as fetcher:
+    async with HttpTestServer() as server, Fetcher(concurrency=4) as fetcher:
         peak = 0
         count = 0
         async for result in fetcher.fetch_all(source()):
@@ -615,14 +615,14 @@ async def test_fetch_all_from_an_async_generator_with_few_workers() -> None:
             workers = [t for t in asyncio.all_tasks() if "fetch_all worker" in t.get_name()]
             peak = max(peak, len(workers))
     assert count == 200
-    assert peak <= 8  # the default: twice max_concurrency
+    assert peak <= 8  # the default: twice concurrency
     assert server.accepted <= 4
 
 
 @real_time
 async def test_fetch_is_usable_as_a_map_function() -> None:
     """fetch(request) is a plain coroutine function, so any stage runner can call it."""
-    async with HttpTestServer() as server, Fetcher(max_concurrency=3) as fetcher:
+    async with HttpTestServer() as server, Fetcher(concurrency=3) as fetcher:
         urls = [server.url(f"/ok?size=5&i={i}") for i in range(9)]
         bodies = await asyncio.gather(*map(fetcher.fetch, urls))
     assert [response.body for response in bodies] == [b"xxxxx"] * 9
@@ -731,7 +731,7 @@ async def test_post_is_never_hedged() -> None:
 @real_time
 async def test_fetch_as_a_pipeline_stage() -> None:
     """fetcher.fetch composes with Pipeline.map; the pool still bounds the connections."""
-    async with HttpTestServer() as server, Fetcher(max_concurrency=4) as fetcher:
+    async with HttpTestServer() as server, Fetcher(concurrency=4) as fetcher:
         urls = [server.url(f"/ok?size=3&i={i}") for i in range(40)]
         bodies = await Pipeline(urls).map(fetcher.fetch, workers=8).map(lambda r: r.body).collect()
     assert bodies == [b"xxx"] * 40
@@ -744,7 +744,7 @@ async def test_stream_read_is_capped_and_full_reads_reuse_the_connection() -> No
     """stream().read() stops at max_body_size; a body read to the end keeps the connection."""
     async with (
         HttpTestServer() as server,
-        Fetcher(max_concurrency=1, max_body_size=1000) as fetcher,
+        Fetcher(concurrency=1, max_body_size=1000) as fetcher,
     ):
         with pytest.raises(HttpError) as info:
             async with fetcher.stream(server.url("/chunked?size=200000")) as response:
@@ -762,7 +762,7 @@ async def test_stream_read_is_capped_and_full_reads_reuse_the_connection() -> No
 @real_time
 async def test_head_and_text_bodies() -> None:
     """HEAD gets no body and keeps the connection; a str body is sent UTF-8 encoded."""
-    async with HttpTestServer() as server, Fetcher(max_concurrency=1) as fetcher:
+    async with HttpTestServer() as server, Fetcher(concurrency=1) as fetcher:
         head = await fetcher.fetch(Request(server.url("/ok?size=100"), method="HEAD"))
         echo = await fetcher.fetch(Request(server.url("/echo"), method="PUT", body="héllo"))
     assert (head.status, head.body) == (200, b"")

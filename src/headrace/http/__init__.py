@@ -7,7 +7,7 @@ does not import this module (nor aiohttp); import ``headrace.http`` yourself::
 
     from headrace.http import Fetcher
 
-    async with Fetcher(max_concurrency=100) as fetcher:
+    async with Fetcher(concurrency=100) as fetcher:
         async for result in fetcher.fetch_all(urls):
             print(result.request.url, result.response.status if result.ok else result.error)
 """

@@ -8,7 +8,7 @@ URL, and reading (or deliberately closing) every body so that each connection go
 to the pool. This module does all three and counts what happened.
 
 Slots: a request first waits for the per-host rate limiter (if any), then for a slot on
-its host (``per_host``) and a global slot (``max_concurrency``). Only then does the
+its host (``per_host``) and a global slot (``concurrency``). Only then does the
 ``total`` timeout start, so queueing never eats into a request's own time; the wait for
 the slots has its own bound, ``Timeouts.slot_wait``. aiohttp's connector gets the same
 limits, so it never has to queue itself.
@@ -99,9 +99,9 @@ class Fetcher:
     """Bounded, pooled, rate-limited HTTP client for fanning out many requests.
 
     One aiohttp ``ClientSession`` whose connection pool holds at most
-    ``max_concurrency`` connections (``per_host`` per host, default: no separate
+    ``concurrency`` connections (``per_host`` per host, default: no separate
     limit) kept alive for ``keepalive_expiry`` seconds; so 5,000 requests open about
-    ``max_concurrency`` connections, not 5,000. Every body is read in full (up to
+    ``concurrency`` connections, not 5,000. Every body is read in full (up to
     ``max_body_size`` bytes, default 16 MiB) or the connection is closed, also on
     cancellation, so connections always return to the pool in a known state.
 
@@ -130,7 +130,7 @@ class Fetcher:
     event loop; it is an async context manager, and an unclosed fetcher warns
     (``ResourceWarning``).
 
-    Measured here (B6 in ``benchmarks/http.py``: 5,000 GETs of 2 KB, concurrency 100,
+    Measured here (B6 in ``benchmarks/http_fanout.py``: 5,000 GETs of 2 KB, concurrency 100,
     server in its own process): exactly 100 TCP connections accepted, like
     aiohttp + semaphore; 0.86-1.0x its requests per second and 1.0-1.2x its client CPU
     per request (the price of slots, retries, statistics and structured results, about
@@ -138,7 +138,7 @@ class Fetcher:
     churned up to 869 connections; 3x a client per request (1,000 connections, as many
     sockets left in TIME-WAIT)::
 
-        async with Fetcher(max_concurrency=100, per_host=20, rate_limit=50.0) as fetcher:
+        async with Fetcher(concurrency=100, per_host=20, rate_limit=50.0) as fetcher:
             async for result in fetcher.fetch_all(urls):
                 if result.ok:
                     store(result.request.url, result.response.body)
@@ -147,7 +147,7 @@ class Fetcher:
     def __init__(
         self,
         *,
-        max_concurrency: int = 100,
+        concurrency: int = 100,
         per_host: int | None = None,
         rate_limit: RateLimit | None = None,
         timeout: Timeouts | float | None = None,
@@ -162,10 +162,10 @@ class Fetcher:
         headers: Mapping[str, str] | None = None,
         clock: Clock | None = None,
     ) -> None:
-        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
-            raise ConfigurationError(f"Fetcher(max_concurrency={max_concurrency!r}) must be an int")
-        if max_concurrency < 1:
-            raise ConfigurationError(f"Fetcher(max_concurrency={max_concurrency}) must be >= 1")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int):
+            raise ConfigurationError(f"Fetcher(concurrency={concurrency!r}) must be an int")
+        if concurrency < 1:
+            raise ConfigurationError(f"Fetcher(concurrency={concurrency}) must be >= 1")
         if per_host is not None and (
             isinstance(per_host, bool) or not isinstance(per_host, int) or per_host < 1
         ):
@@ -183,8 +183,8 @@ class Fetcher:
             raise ConfigurationError(
                 f"Fetcher(max_retry_after={max_retry_after!r}) must be >= 0 seconds"
             )
-        self.max_concurrency = max_concurrency
-        self.per_host = per_host if per_host is not None and per_host < max_concurrency else None
+        self.concurrency = concurrency
+        self.per_host = per_host if per_host is not None and per_host < concurrency else None
         self.timeouts = Timeouts() if timeout is None else Timeouts.coerce(timeout)
         self.retry = retry
         self.max_retry_after = float(max_retry_after)
@@ -280,7 +280,7 @@ class Fetcher:
         if self._state is _State.CLOSED:
             raise ClosedResourceError("Fetcher is closed; create a new one", code="http_closed")
         connector = CountingConnector(
-            limit=self.max_concurrency,
+            limit=self.concurrency,
             limit_per_host=self.per_host or 0,
             keepalive_timeout=self.keepalive_expiry,
         )
@@ -292,7 +292,7 @@ class Fetcher:
             raise_for_status=False,
             auto_decompress=True,
         )
-        self._slots = asyncio.Semaphore(self.max_concurrency)
+        self._slots = asyncio.Semaphore(self.concurrency)
         if self._retry_budget is None and self.retry is not None:
             self._retry_budget = RetryBudget(clock=self._clock)
         self._state = _State.OPEN
@@ -332,7 +332,7 @@ class Fetcher:
 
     def __repr__(self) -> str:
         return (
-            f"Fetcher(max_concurrency={self.max_concurrency}, per_host={self.per_host}, "
+            f"Fetcher(concurrency={self.concurrency}, per_host={self.per_host}, "
             f"state={self._state.value})"
         )
 
@@ -568,7 +568,7 @@ class Fetcher:
             request = prepared.request
             raise DeadlineExceeded(
                 f"{request.method} {prepared.url_text}: no connection slot within "
-                f"slot_wait={limit} s (max_concurrency={self.max_concurrency}, "
+                f"slot_wait={limit} s (concurrency={self.concurrency}, "
                 f"per_host={self.per_host})",
                 code="http_slot_timeout",
                 public_message="The service is too busy; try again later.",
@@ -804,10 +804,10 @@ class Fetcher:
     ) -> ResultStream:
         """Stream a :class:`Result` per request, fetched by a bounded pool of workers.
 
-        ``workers`` (default ``2 * max_concurrency``) long-lived tasks pull requests from
+        ``workers`` (default ``2 * concurrency``) long-lived tasks pull requests from
         the (sync or async, possibly endless) iterable one at a time, so memory stays
         flat however many requests there are; connections stay within
-        ``max_concurrency`` whatever the number of workers. Why twice the pool: a
+        ``concurrency`` whatever the number of workers. Why twice the pool: a
         connection freed by a finished request is taken at once by a worker already
         queued for it, instead of idling while the finished worker hands its result
         over; in B6 that was 10-25 % more requests per second, and less CPU per request,
@@ -823,7 +823,7 @@ class Fetcher:
         so that the workers are stopped and awaited when you leave.
         """
         if workers is None:
-            workers = 2 * self.max_concurrency
+            workers = 2 * self.concurrency
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ConfigurationError(f"fetch_all(workers={workers!r}) must be an int >= 1")
         if buffer is None:

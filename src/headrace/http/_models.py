@@ -300,7 +300,7 @@ class FetcherStatistics:
 
     ``requests`` counts calls (first attempts), ``attempts`` every try including
     retries; ``connections_opened`` and ``connections_reused`` come from aiohttp's
-    tracing (a healthy fan-out opens about ``max_concurrency`` connections and reuses
+    tracing (a healthy fan-out opens about ``concurrency`` connections and reuses
     them for everything else); ``connections_discarded`` counts attempts abandoned
     mid-flight (cancelled, lost hedges, timeouts, bodies over the cap or over
     ``drain_limit``) whose connection was closed instead of going back to the pool;

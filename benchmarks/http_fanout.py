@@ -4,7 +4,7 @@ N GETs of 2 KB bodies (default 5,000), concurrency 100. Each client runs in its 
 subprocess (so its peak RSS is its own) against one server process (so the server does
 not share the client's event loop), interleaved round by round:
 
-* ``headrace fetch_all``: ``Fetcher(max_concurrency=100).fetch_all(urls)``, 100 workers.
+* ``headrace fetch_all``: ``Fetcher(concurrency=100).fetch_all(urls)``, 100 workers.
 * ``headrace fetch x500``: 500 tasks launched at once, each awaiting ``fetcher.fetch``.
 * ``aiohttp+sem``: one ``ClientSession(TCPConnector(limit=100))``, ``Semaphore(100)``,
   500 tasks launched at once, ``await response.read()`` each.
@@ -20,7 +20,7 @@ time-wait``, delta; max over rounds), the client's peak RSS. Ratios: per-round
 headrace / baseline req/s, median. Goals: connections <= concurrency, req/s >=
 aiohttp+sem and >= httpx+sem.
 
-    python benchmarks/http.py [--requests 5000] [--rounds 5] [--quick]
+    python benchmarks/http_fanout.py [--requests 5000] [--rounds 5] [--quick]
 """
 
 # This file is named http.py; drop its folder from sys.path before anything imports the
@@ -96,7 +96,7 @@ async def run_headrace_fetch_all(url: str, n: int) -> int:
     from headrace.http import Fetcher
 
     ok = 0
-    async with Fetcher(max_concurrency=CONCURRENCY) as fetcher:
+    async with Fetcher(concurrency=CONCURRENCY) as fetcher:
         async for result in fetcher.fetch_all(url for _ in range(n)):
             if result.ok and len(result.response.body) == len(BODY):  # type: ignore[union-attr]
                 ok += 1
@@ -118,7 +118,7 @@ async def _waves(n: int, one: Callable[[], Awaitable[bool]]) -> int:
 async def run_headrace_fetch(url: str, n: int) -> int:
     from headrace.http import Fetcher
 
-    async with Fetcher(max_concurrency=CONCURRENCY) as fetcher:
+    async with Fetcher(concurrency=CONCURRENCY) as fetcher:
 
         async def one() -> bool:
             response = await fetcher.fetch(url)
