@@ -15,7 +15,7 @@ from headrace import Clock, ConfigurationError, HeadraceError, InvalidMessage, R
 from headrace._ratelimit import TokenBucket
 from headrace.messaging import MemoryBroker, Message, OutgoingMessage
 from headrace.messaging._idempotency import MemoryIdempotencyStore
-from headrace.messaging._worker import Worker
+from headrace.messaging._worker import Worker, worker_retryable
 
 NO_JITTER = Retry(max_attempts=3, initial_delay=1.0, multiplier=2.0, jitter="none",
                   retry_on=lambda exc: True)  # fmt: skip
@@ -349,10 +349,12 @@ async def test_worker_keeps_running_through_many_bad_messages(clock: Clock) -> N
     broker = MemoryBroker(max_deliveries=None, clock=clock)
     bodies = [b"ok", b"raise", b"invalid", b"base", b"ok"] * 20
     await publish(broker, "jobs", bodies)
-    worker = Worker(broker, clock=clock, max_attempts=2, retry_delay=0.1)
+    worker = Worker(broker, clock=clock)
     handled = 0
+    # The worker's default policy (worker_retryable), without jitter: deterministic.
+    policy = Retry(max_attempts=2, initial_delay=0.1, jitter="none", retry_on=worker_retryable)
 
-    @worker.handler("jobs", concurrency=4)
+    @worker.handler("jobs", concurrency=4, retry=policy)
     async def handle(message: Message) -> None:
         nonlocal handled
         if message.body == b"raise":
