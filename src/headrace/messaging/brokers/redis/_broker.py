@@ -1,94 +1,25 @@
-"""The Redis Streams broker: consumer groups, leases by idle time, scripts for atomicity.
+"""RedisBroker: the Broker operations on Redis Streams (see the package docstring).
 
-Use :class:`RedisBroker` when several machines share one queue and a Redis (>= 6.2; 7
-here) is at hand; use :class:`~headrace.messaging.SqliteBroker` on one machine and
-:class:`~headrace.messaging.MemoryBroker` in tests. This is the only module that imports
-redis-py; ``open_broker("redis://...")`` imports it on demand.
-
-How the contract maps onto Redis (keys for topic ``jobs`` with the default prefix):
-
-* ``headrace:jobs`` is the stream; one consumer group (``group``, default
-  ``"headrace"``) makes it a work queue: each entry goes to one consumer of the group.
-  ``publish`` is pipelined ``XADD``. While messages flow, ``fetch`` is a plain
-  ``XREADGROUP ... COUNT max_messages``; on a consumer's first fetch, every
-  ``reclaim_interval``, after it returned messages itself, and whenever a read finds
-  nothing, it runs one script instead that also moves due delayed retries into the
-  stream, re-delivers handed-back messages and reclaims expired leases
-  (``XAUTOCLAIM``) in the same round trip.
-* A lease is the idle time of a pending entry. Every consumer reclaims with the same
-  ``XAUTOCLAIM`` min-idle-time, ``max_lease`` (default: the broker's ``lease``, 30 s);
-  a delivery leased for a shorter ``lease`` gets its delivery time moved
-  ``max_lease - lease`` into the past (``XCLAIM ... TIME ... JUSTID``, which counts no
-  delivery), so it is reclaimable exactly ``lease`` seconds after the fetch, whatever
-  lease the reclaimer asked for. ``extend_lease`` does the same from now. Fetching with
-  ``lease == max_lease`` skips that ``XCLAIM`` (measured: a third of the server's work
-  per batch). Expired leases are looked for every ``reclaim_interval`` (default
-  0.25 s) by every fetching consumer.
-* On its first fetch of a topic, a consumer re-reads its *own* pending entries (id
-  ``0``): with a stable ``consumer`` name (a pod or host name), whatever the previous
-  process of that name fetched and did not ack comes back at once after a crash. The
-  default name is unique per process; then a crashed process's messages come back by
-  ``XAUTOCLAIM`` once their lease expires.
-* ``attempt`` comes from Redis's delivery counter (``XPENDING``), so crashes count;
-  ``max_deliveries`` (default 20, ``None``: no cap) dead-letters a message delivered
-  more often than that without an ack, with a ``max_deliveries_exceeded`` error record.
-* ``ack`` is one ``XACK`` per topic and batch (pipelined when a batch spans topics),
-  exactly what a hand-written loop sends. Acked entries leave the stream by the
-  fetch's periodic housekeeping: ``XTRIM MINID`` up to the oldest entry still pending
-  or undelivered, which frees whole stream nodes instead of deleting entry by entry
-  (``XDEL`` cost the server more than ``XREADGROUP`` per batch). ``trim_acked=False``
-  keeps them (trim the stream yourself then).
-* ``hand_back`` leaves the entry pending, lowers its delivery counter by one
-  (``XCLAIM ... RETRYCOUNT``) and lists it in the sorted set ``headrace:jobs:returned``;
-  a consumer claims it, in stream order and as the same attempt, on its next fetch if
-  it was waiting (a small signal stream, ``:signal``, wakes it) or within
-  ``reclaim_interval`` if it is busy. ``nack(delay=0)`` does the same but counts the
-  attempt.
-* ``nack(delay>0)``: Redis 7 has no delayed redelivery, so a script moves the entry out
-  of the stream (``XACK`` + ``XDEL``) into the sorted set ``:delayed`` in one step; a
-  fetch moves it back to the end of the stream when it is due (Redis server time).
-* ``dead_letter`` moves the entry to the stream ``:dead`` with the JSON error record,
-  atomically; ``replay_dead_letters`` adds them back as fresh messages (same id).
-
-Standalone Redis or a Sentinel-managed primary (pass ``client=``); not Redis Cluster.
-One consumer group per stream: a delayed retry or a replay re-adds the entry, which a
-second group would see as a new message. Every operation that checks ownership does
-so against the delivery it was given: a nack, hand-back, dead-letter or lease extension
-of a message whose lease expired and that was delivered again does nothing. Driver
-errors become :class:`~headrace.BrokerConnectionError` (connection lost, timeouts) or
-:class:`~headrace.BrokerError`; the URL's password never appears in them or in reprs.
+Publish, the fetch path (a plain ``XREADGROUP`` while messages flow, otherwise one
+script round trip that also promotes due retries, re-delivers hand-backs, reclaims
+expired leases and trims acked entries), and settling: ack, nack, hand-back, lease
+extension, dead letters and their replay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import os
 import secrets
-import socket
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from types import TracebackType
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import msgspec
-import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
-from ..._cancel import shielded
-from ..._clock import Clock, default_clock
-from ..._errors import (
-    BrokerConnectionError,
-    BrokerError,
-    ClosedResourceError,
-    ConfigurationError,
-    redact,
-    translate_errors,
-)
-from .._broker import BrokerCapabilities, DeadLetter, Message, OutgoingMessage
-from . import _redis_scripts as scripts
-from . import (
+from ...._cancel import shielded
+from ...._errors import BrokerError, ConfigurationError
+from ..._broker import DeadLetter, Message, OutgoingMessage
+from .. import (
     check_error_record,
     check_fetch_arguments,
     check_lease,
@@ -96,128 +27,22 @@ from . import (
     check_topic,
     max_deliveries_record,
 )
+from ._codec import (
+    _DELAYED_PUBLISH,
+    _dead_letter_of,
+    _json_encode,
+    _message,
+    _pack_fields,
+    _pairs,
+    _Receipt,
+    _text,
+)
+from ._connection import _CLEANUP_TIMEOUT, _RedisConnection, _TopicState
 
 __all__ = ["RedisBroker"]
 
-_CAPABILITIES = BrokerCapabilities(
-    handback_costs_attempt=False,
-    counts_attempts=True,
-    ordered=True,
-    delayed_nack=True,
-    lease_extension=True,
-    persistent=True,
-)
-
-# Most specific first is not needed: translate_errors walks the raised type's MRO.
-_ERRORS = {
-    redis_errors.ConnectionError: BrokerConnectionError,
-    redis_errors.TimeoutError: BrokerConnectionError,
-    redis_errors.BusyLoadingError: BrokerConnectionError,
-    OSError: BrokerConnectionError,
-    redis_errors.RedisError: BrokerError,
-}
-
-# Options that may be given in the URL's query (?group=g&consumer=c); redis-py reads
-# the rest of the query itself.
-_URL_OPTIONS: dict[str, Callable[[str], Any]] = {
-    "group": str,
-    "consumer": str,
-    "prefix": str,
-    "max_deliveries": lambda text: None if text.lower() in ("none", "off", "") else int(text),
-    "lease": float,
-    "trim_acked": lambda text: text.lower() in ("1", "true", "yes", "on"),
-    "reclaim_interval": float,
-    "max_lease": float,
-}
-
-# Seconds a cancelled fetch may spend handing back what it had already leased.
-_CLEANUP_TIMEOUT = 5.0
 # Publishes are pipelined in chunks of this many commands.
 _PUBLISH_CHUNK = 1000
-
-_json_encode = msgspec.json.Encoder().encode
-_headers_decoder = msgspec.json.Decoder(dict[str, str])
-
-
-class _Receipt(NamedTuple):
-    """Which delivery a message is: the stream entry and Redis's delivery counter."""
-
-    entry_id: bytes
-    deliveries: int
-
-
-class _Keys(NamedTuple):
-    stream: str
-    delayed: str
-    returned: str
-    signal: str
-    dead: str
-
-
-class _Translated:
-    """The choke point where redis-py errors become headrace errors (a context manager).
-
-    A class rather than a generator: it is entered twice per fetch-and-ack batch, and
-    does nothing at all unless the block raises.
-    """
-
-    __slots__ = ("operation", "topic", "url")
-
-    def __init__(self, url: str, operation: str, topic: str | None) -> None:
-        self.url = url
-        self.operation = operation
-        self.topic = topic
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        # Returns None, never true: an error is translated or passed on, never swallowed.
-        if exc is None or not isinstance(exc, Exception):
-            return
-        url = redact(self.url)
-        context: dict[str, Any] = {"url": url, "operation": self.operation}
-        where = f"redis {self.operation}"
-        if self.topic is not None:
-            context["topic"] = self.topic
-            where += f"({self.topic!r})"
-        with translate_errors(
-            _ERRORS,
-            message=lambda error: (
-                f"{where} failed on {url}: {type(error).__name__}: {redact(str(error))}"
-            ),
-            context=context,
-        ):
-            raise exc.with_traceback(traceback)
-
-
-class _TopicState:
-    """What this broker instance remembers about one topic."""
-
-    __slots__ = (
-        "claim_cursor",
-        "group_ready",
-        "housekeeping",
-        "keys",
-        "next_reclaim",
-        "own_cursor",
-    )
-
-    def __init__(self, keys: _Keys) -> None:
-        self.keys = keys
-        self.group_ready = False
-        # '0': own pending entries not yet re-read; '' once they all have been.
-        self.own_cursor = "0"
-        self.claim_cursor = "0-0"
-        self.next_reclaim = -math.inf
-        # The next fetch must run the full script: something may be waiting in the
-        # returned or delayed sets (we returned messages, or a wait was cut short).
-        self.housekeeping = True
 
 
 class _Step(NamedTuple):
@@ -228,37 +53,7 @@ class _Step(NamedTuple):
     signal_last: str
 
 
-def _default_consumer() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-def _split_url(url: str) -> tuple[str, dict[str, Any]]:
-    """Remove our options from the URL's query; return the URL for redis-py and them."""
-    parts = urlsplit(url)
-    if not parts.query:
-        return url, {}
-    ours: dict[str, Any] = {}
-    theirs: list[tuple[str, str]] = []
-    for name, text in parse_qsl(parts.query, keep_blank_values=True):
-        convert = _URL_OPTIONS.get(name)
-        if convert is None:
-            theirs.append((name, text))
-            continue
-        try:
-            ours[name] = convert(text)
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"option {name}={text!r} in broker URL {redact(url)!r} is not valid: {exc}",
-                code="invalid_broker_url",
-            ) from exc
-    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class RedisBroker:
+class RedisBroker(_RedisConnection):
     """A :class:`~headrace.messaging.Broker` on Redis Streams with one consumer group.
 
     ``url`` is a redis-py URL (``redis://[:password@]host:6379/0``, ``rediss://``,
@@ -272,7 +67,7 @@ class RedisBroker:
     names to make keys. ``lease`` (default 30 s) is the default of ``fetch(lease=...)``;
     ``max_lease`` (default: ``lease``) is the longest lease a fetch or ``extend_lease``
     may ask for and must be the same for every consumer of a stream (it is the reclaim
-    threshold, see the module doc); fetches with exactly ``max_lease`` are the cheapest.
+    threshold, see the package doc); fetches with exactly ``max_lease`` are the cheapest.
     ``max_deliveries`` (default 20, ``None`` for no cap) dead-letters a message
     delivered that many times without an ack (set it above the worker's
     ``max_attempts``); ``trim_acked`` (default true) trims acked entries off the stream;
@@ -298,158 +93,10 @@ class RedisBroker:
                 await broker.ack([message])
     """
 
-    def __init__(
-        self,
-        url: str = "redis://127.0.0.1:6379/0",
-        *,
-        group: str = "headrace",
-        consumer: str | None = None,
-        prefix: str = "headrace:",
-        lease: float = 30.0,
-        max_lease: float | None = None,
-        max_deliveries: int | None = 20,
-        trim_acked: bool = True,
-        reclaim_interval: float = 0.25,
-        client: aioredis.Redis | None = None,
-        clock: Clock | None = None,
-        **redis_options: Any,
-    ) -> None:
-        if not isinstance(url, str):
-            raise ConfigurationError(
-                f"RedisBroker(url=...) must be a string, got {type(url).__name__}",
-                code="invalid_broker_url",
-            )
-        redis_url, from_url = _split_url(url)
-        given: dict[str, Any] = {
-            "group": group,
-            "consumer": consumer,
-            "prefix": prefix,
-            "lease": lease,
-            "max_lease": max_lease,
-            "max_deliveries": max_deliveries,
-            "trim_acked": trim_acked,
-            "reclaim_interval": reclaim_interval,
-        }
-        defaults = RedisBroker.__init__.__kwdefaults__ or {}
-        # A keyword argument left at its default yields to the URL's value.
-        options = {
-            name: from_url[name] if name in from_url and value == defaults.get(name) else value
-            for name, value in given.items()
-        }
-        for name in ("group", "consumer", "prefix"):
-            value = options[name]
-            if value is None and name == "consumer":
-                continue
-            if not isinstance(value, str) or (not value and name != "prefix"):
-                raise ConfigurationError(
-                    f"RedisBroker({name}={value!r}) must be a non-empty string",
-                    code="invalid_configuration",
-                )
-        cap = options["max_deliveries"]
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise ConfigurationError(
-                f"RedisBroker(max_deliveries={cap!r}) must be an integer >= 1 or None",
-                code="invalid_max_deliveries",
-            )
-        default_lease = check_lease(options["lease"], where="RedisBroker(lease)")
-        self._max_lease = (
-            default_lease
-            if options["max_lease"] is None
-            else check_lease(options["max_lease"], where="RedisBroker(max_lease)")
-        )
-        self._lease = self._check_lease_bound(default_lease, "RedisBroker(lease)")
-        self._reclaim_interval = check_lease(
-            options["reclaim_interval"], where="RedisBroker(reclaim_interval)"
-        )
-        self._url = redis_url
-        self._group: str = options["group"]
-        self._consumer: str = options["consumer"] or _default_consumer()
-        self._prefix: str = options["prefix"]
-        self._max_deliveries: int | None = cap
-        self._trim_acked = bool(options["trim_acked"])
-        self._clock = clock if clock is not None else default_clock()
-        self._owns_client = client is None
-        if client is None:
-            try:
-                client = aioredis.from_url(redis_url, **redis_options)
-                # redis-py builds connections lazily: make one (no I/O) so that an
-                # unknown option fails here, not at the first command.
-                pool = client.connection_pool
-                pool.connection_class(**pool.connection_kwargs)
-            except (ValueError, TypeError) as exc:
-                raise ConfigurationError(
-                    f"broker URL {redact(url)!r} is not a valid Redis URL: {redact(str(exc))}",
-                    code="invalid_broker_url",
-                ) from None
-        if client.connection_pool.connection_kwargs.get("decode_responses"):
-            raise ConfigurationError(
-                "RedisBroker(client=...) needs a client made with decode_responses=False "
-                "(message bodies are bytes)",
-                code="invalid_configuration",
-            )
-        self._client: aioredis.Redis = client
-        self._fetch_script = client.register_script(scripts.FETCH)
-        self._return_script = client.register_script(scripts.RETURN)
-        self._dead_letter_script = client.register_script(scripts.DEAD_LETTER)
-        self._extend_script = client.register_script(scripts.EXTEND)
-        self._replay_script = client.register_script(scripts.REPLAY)
-        self._release_script = client.register_script(scripts.RELEASE)
-        self._topics: dict[str, _TopicState] = {}
-        self._connected = False
-        self._closed = False
-        self._close_waiters: set[asyncio.Future[None]] = set()
-
-    def __del__(self) -> None:
-        # getattr: __init__ may have failed before setting the attributes.
-        if getattr(self, "_connected", False) and not getattr(self, "_closed", True):
-            warnings.warn(
-                f"unclosed {self!r}: call await broker.close() (or use async with)",
-                ResourceWarning,
-                stacklevel=2,
-                source=self,
-            )
-
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBroker:
         """The broker for ``url``; keyword ``options`` win over the URL's query."""
         return cls(url, **options)
-
-    # -- properties ------------------------------------------------------------------
-
-    @property
-    def capabilities(self) -> BrokerCapabilities:
-        """Everything supported; hand-backs are free; attempts are Redis's counter."""
-        return _CAPABILITIES
-
-    @property
-    def consumer(self) -> str:
-        """This broker's consumer name in the group."""
-        return self._consumer
-
-    @property
-    def group(self) -> str:
-        """The consumer group's name."""
-        return self._group
-
-    @property
-    def max_deliveries(self) -> int | None:
-        return self._max_deliveries
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def stream_key(self, topic: str) -> str:
-        """The Redis key of ``topic``'s stream; the other keys add ``:delayed``,
-        ``:returned``, ``:signal`` and ``:dead`` to it."""
-        return self._prefix + check_topic(topic)
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return (
-            f"RedisBroker(url={redact(self._url)!r}, group={self._group!r}, "
-            f"consumer={self._consumer!r}, {state})"
-        )
 
     async def __aenter__(self) -> RedisBroker:
         await self.connect()
@@ -457,95 +104,6 @@ class RedisBroker:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-    # -- plumbing --------------------------------------------------------------------
-
-    def _check_lease_bound(self, lease: float, where: str) -> float:
-        if lease > self._max_lease:
-            raise ConfigurationError(
-                f"{where}={lease!r} exceeds this broker's max_lease={self._max_lease!r}; "
-                "raise it on every consumer of the stream (RedisBroker(max_lease=...) or "
-                "?max_lease=... in the URL)",
-                code="invalid_lease",
-            )
-        return lease
-
-    def _translated(self, operation: str, topic: str | None = None) -> _Translated:
-        return _Translated(self._url, operation, topic)
-
-    def _check_open(self, operation: str) -> None:
-        if self._closed:
-            raise ClosedResourceError(
-                f"{operation}() on a closed {self!r}", context={"operation": operation}
-            )
-
-    def _state(self, topic: str) -> _TopicState:
-        state = self._topics.get(topic)
-        if state is None:
-            stream = self._prefix + topic
-            keys = _Keys(
-                stream,
-                stream + ":delayed",
-                stream + ":returned",
-                stream + ":signal",
-                stream + ":dead",
-            )
-            state = self._topics[topic] = _TopicState(keys)
-        return state
-
-    async def _ensure_group(self, topic: str, state: _TopicState) -> None:
-        if state.group_ready:
-            return
-        with self._translated("create group", topic):
-            try:
-                # From id 0: messages published before any consumer existed are work too.
-                await self._client.xgroup_create(
-                    state.keys.stream, self._group, id="0", mkstream=True
-                )
-            except redis_errors.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-        state.group_ready = True
-
-    async def connect(self) -> None:
-        """Check that Redis answers (``PING``); idempotent. Refuses a closed broker."""
-        self._check_open("connect")
-        if self._connected:
-            return
-        with self._translated("connect"):
-            await self._client.ping()
-        self._connected = True
-
-    async def close(self) -> None:
-        """Forget this consumer where it holds nothing, close the connections (idempotent).
-
-        Fetched messages that were neither acked nor handed back stay pending: they come
-        back when their lease expires (or at once to a consumer of the same name). A
-        ``fetch`` waiting meanwhile raises :class:`~headrace.ClosedResourceError`.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        for waiter in self._close_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        try:
-            if self._connected:
-                # Hygiene, bounded so that a hung server cannot hold up a shutdown: default
-                # (random) consumer names would pile up in the group; one that still
-                # holds messages must stay.
-                async with asyncio.timeout(_CLEANUP_TIMEOUT):
-                    for state in self._topics.values():
-                        if state.group_ready:
-                            await self._release_script(
-                                keys=[state.keys.stream], args=[self._group, self._consumer]
-                            )
-        except (redis_errors.RedisError, OSError, TimeoutError):
-            pass
-        finally:
-            if self._owns_client:
-                with self._translated("close"):
-                    await self._client.aclose()
 
     # -- publish ---------------------------------------------------------------------
 
@@ -832,7 +390,7 @@ class RedisBroker:
         """Mark handled messages done: one ``XACK`` per topic of the batch.
 
         They are never delivered again, and leave the stream with the next trim (see the
-        module doc). Acking a message whose lease expired and that was delivered again
+        package doc). Acking a message whose lease expired and that was delivered again
         elsewhere is harmless: it counts as handled, the other delivery's ack, nack or
         hand-back then does nothing.
         """
@@ -980,96 +538,3 @@ class RedisBroker:
                         await self._replay_script(keys=[keys.stream, keys.dead], args=chosen)
                     )
                 start = "(" + _text(entries[-1][0])
-
-
-_DELAYED_PUBLISH = (
-    "local t = redis.call('TIME') "
-    "return redis.call('ZADD', KEYS[1], "
-    "t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1]), ARGV[2])"
-)
-
-
-def _pack_fields(fields: Sequence[bytes]) -> bytes:
-    """Pack byte strings as a msgpack array the way Redis's Lua ``cmsgpack`` reads it.
-
-    Redis's ``cmsgpack`` predates msgpack's ``bin`` types, so every field goes as a
-    ``str`` holding the raw bytes (Lua strings are byte strings; nothing is decoded).
-    """
-    parts = [_msgpack_header(len(fields), 0x90, 0xDC, 0xDD, short=16)]
-    for field in fields:
-        parts.append(_msgpack_header(len(field), 0xA0, 0xDA, 0xDB, short=32, byte=0xD9))
-        parts.append(field)
-    return b"".join(parts)
-
-
-def _msgpack_header(
-    size: int, fix: int, head16: int, head32: int, *, short: int, byte: int | None = None
-) -> bytes:
-    if size < short:
-        return bytes([fix | size])
-    if byte is not None and size < 0x100:
-        return bytes([byte, size])
-    if size < 0x10000:
-        return bytes([head16]) + size.to_bytes(2, "big")
-    return bytes([head32]) + size.to_bytes(4, "big")
-
-
-def _pairs(flat: Sequence[bytes]) -> Iterator[tuple[bytes, bytes]]:
-    """``(name, value)`` pairs of a flat ``[name, value, ...]`` field list."""
-    values = iter(flat)
-    return zip(values, values, strict=True)
-
-
-def _message(
-    topic: str, entry: bytes, deliveries: int, fields: Iterable[tuple[bytes, bytes]]
-) -> Message:
-    """The :class:`Message` of one stream entry and its delivery count."""
-    message_id = entry.decode()
-    body = b""
-    key: str | None = None
-    headers: dict[str, str] = {}
-    base = 0
-    for name, value in fields:
-        if name == b"b":
-            body = value
-        elif name == b"k":
-            key = value.decode()
-        elif name == b"h":
-            headers.update(_headers_decoder.decode(value))
-        elif name == b"i":
-            message_id = value.decode()
-        elif name == b"a":
-            base = int(value)
-        else:
-            # An entry added by some other producer: its extra fields become headers.
-            headers[name.decode(errors="replace")] = value.decode(errors="replace")
-    return Message(
-        id=message_id,
-        topic=topic,
-        body=body,
-        headers=headers,
-        attempt=base + deliveries,
-        key=key,
-        receipt=_Receipt(entry, deliveries),
-    )
-
-
-def _dead_letter_of(topic: str, entry: Any) -> DeadLetter:
-    """The :class:`DeadLetter` of one entry of a dead-letter stream (as redis-py parses it)."""
-    entry_id, fields = entry[0], entry[1]
-    error: dict[str, Any] = {}
-    attempt = 1
-    when = 0.0
-    kept: list[tuple[bytes, bytes]] = []
-    for name, value in fields.items():
-        if name == b"e":
-            error = msgspec.json.decode(value)
-        elif name == b"n":
-            attempt = int(value)
-        elif name == b"t":
-            when = int(value) / 1000
-        else:
-            kept.append((name, value))
-    message = _message(topic, entry_id, attempt, kept)
-    message.receipt = None
-    return DeadLetter(message, error, when)

@@ -1,4 +1,4 @@
-"""The Lua scripts of the Redis Streams broker (see :mod:`.redis` for the key layout).
+"""The Lua scripts of the Redis Streams broker (the package docstring has the key layout).
 
 Why scripts: every state change that touches more than one key (a delayed retry that
 leaves the stream and enters the delay set, a dead letter that leaves the stream and
