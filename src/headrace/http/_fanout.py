@@ -101,17 +101,6 @@ class ResultStream:
         self._next_index += 1
         return index, coerce_request(item)
 
-    def _next_sync(self) -> tuple[int, Request] | None:
-        assert self._sync_source is not None
-        if self._exhausted:
-            return None
-        try:
-            item = next(self._sync_source)
-        except StopIteration:
-            self._exhausted = True
-            return None
-        return self._number(item)
-
     async def _next_async(self) -> tuple[int, Request] | None:
         assert self._async_source is not None
         # An async generator refuses concurrent __anext__ calls; take turns.
@@ -145,15 +134,31 @@ class ResultStream:
         fetcher = self._fetcher
         execute = fetcher._execute
         window = self._window
-        synchronous = self._sync_source is not None
+        ready = self._ready
+        sync_source = self._sync_source
         try:
             while True:
                 await window.acquire()
-                item = self._next_sync() if synchronous else await self._next_async()
-                if item is None:
-                    window.release()
-                    return
-                index, request = item
+                if sync_source is not None:
+                    # Inlined rather than a helper method: this runs once per request.
+                    if self._exhausted:
+                        window.release()
+                        return
+                    try:
+                        item = next(sync_source)
+                    except StopIteration:
+                        self._exhausted = True
+                        window.release()
+                        return
+                    index = self._next_index
+                    self._next_index = index + 1
+                    request = item if type(item) is Request else coerce_request(item)
+                else:
+                    numbered = await self._next_async()
+                    if numbered is None:
+                        window.release()
+                        return
+                    index, request = numbered
                 # Awaiting _execute directly (not through a helper coroutine): one await
                 # level less to pass through on every resume.
                 try:
@@ -163,8 +168,15 @@ class ResultStream:
                 except Exception as exc:
                     result = fetcher._unexpected(index, request, exc)
                 else:
-                    result = fetcher._result_of(index, request, response)
-                self._deliver(result)
+                    if response.status < 400 or not fetcher.raise_for_status:
+                        result = Result(index, request, response, None)
+                    else:
+                        result = fetcher._result_of(index, request, response)
+                # _deliver inlined.
+                ready.append(result)
+                waiter = self._consumer
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

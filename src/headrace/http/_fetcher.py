@@ -36,7 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 import aiohttp
 
 from .._cancel import deadline
-from .._clock import Clock, default_clock
+from .._clock import Clock, MonotonicClock, default_clock
 from .._errors import (
     ClosedResourceError,
     ConfigurationError,
@@ -200,6 +200,11 @@ class Fetcher:
         self._retry_budget = retry_budget
         self._limiter_for = self._make_limiter_lookup(rate_limit, self._clock)
         self._rate_limited = rate_limit is not None
+        # No limiter and no per-host limit: a free global slot is all a request needs.
+        self._fast_slots = rate_limit is None and self.per_host is None
+        # The clock read twice per request; open() swaps in the loop's own time() when
+        # the clock is the default one (the same reading without the lookup).
+        self._now: Callable[[], float] = self._clock.now
 
         self._state = _State.NEW
         self._session: aiohttp.ClientSession | None = None
@@ -293,6 +298,8 @@ class Fetcher:
             auto_decompress=True,
         )
         self._slots = asyncio.Semaphore(self.concurrency)
+        if type(self._clock) is MonotonicClock:
+            self._now = asyncio.get_running_loop().time
         if self._retry_budget is None and self.retry is not None:
             self._retry_budget = RetryBudget(clock=self._clock)
         self._state = _State.OPEN
@@ -379,15 +386,19 @@ class Fetcher:
         return response
 
     async def _execute(self, request: Request, *, bounded: bool = True) -> Response:
-        self._ensure_open()
+        if self._state is not _State.OPEN:
+            self.open()
         self._requests += 1
         try:
             prepared = Prepared(request)
         except HeadraceError as exc:
             self._errors[exc.code] += 1
             raise
-        policy = self.retry if request.is_idempotent else None
-        hedge = self.hedge if request.method in _HEDGEABLE and request.is_idempotent else None
+        idempotent = request.is_idempotent
+        policy = self.retry if idempotent else None
+        hedge = self.hedge
+        if hedge is not None and not (idempotent and request.method in _HEDGEABLE):
+            hedge = None
         budget = self._retry_budget if policy is not None else None
         if budget is not None:
             budget.record_request()
@@ -395,9 +406,8 @@ class Fetcher:
         slots = self._slots
         assert session is not None
         assert slots is not None
-        fast_slots = not self._rate_limited and self.per_host is None
-        clock = self._clock
-        started = clock.now()
+        fast_slots = self._fast_slots
+        started = self._now()
         failures = 0
         while True:
             try:
@@ -472,7 +482,7 @@ class Fetcher:
                     self._statuses[response.status] += 1
                     return response
             self._retries += 1
-            await clock.sleep(delay)
+            await self._clock.sleep(delay)
 
     def _next_delay(
         self,
@@ -486,7 +496,7 @@ class Fetcher:
         if policy is None or exc.code == "http_slot_timeout":
             # Waiting again for a slot would stretch slot_wait past what the caller set.
             return None
-        delay = policy.next_delay(exc, failures, self._clock.now() - started)
+        delay = policy.next_delay(exc, failures, self._now() - started)
         if delay is None:
             return None
         retry_after = getattr(exc, "retry_after", None)
@@ -667,7 +677,7 @@ class Fetcher:
             body=body,
             # The URL we asked for, unless redirects took us elsewhere (saves a str()).
             url=str(raw.url) if raw.history else prepared.request.url,
-            elapsed=self._clock.now() - started,
+            elapsed=self._now() - started,
             attempts=attempt,
         )
 
@@ -684,7 +694,7 @@ class Fetcher:
                 "phase": "total",
                 "timeout": total,
                 # Since the first attempt started (the hot path reads the clock once).
-                "elapsed": self._clock.now() - started,
+                "elapsed": self._now() - started,
                 "attempt": attempt,
             },
         )
