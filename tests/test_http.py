@@ -8,6 +8,7 @@ machine is shared.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import gc
 import socket
@@ -43,7 +44,7 @@ from headrace.http import (
     parse_retry_after,
     redact_url,
 )
-from headrace.http._models import status_error
+from headrace.http._models import get_request, new_response, new_result, status_error
 from http_server import HttpTestServer
 
 real_time = pytest.mark.real_time
@@ -122,6 +123,29 @@ def test_request_normalises_method_and_knows_idempotency() -> None:
     assert repr(
         Request("http://u:pw@h/?secret=1", tag=7)
     ) == "Request(GET http://***@h/?secret=*** tag=7)".replace(" tag", ", tag")
+
+
+def test_hot_path_constructors_build_the_same_frozen_objects() -> None:
+    """The fetcher's fast constructors equal the dataclass ones, and the results stay frozen."""
+    request = get_request("http://h/x")
+    assert request == Request("http://h/x")
+    response = new_response(request, 200, "OK", {"A": "b"}, b"body", "http://h/x", 0.5, 2)
+    assert response == Response(
+        request=request,
+        status=200,
+        reason="OK",
+        headers={"A": "b"},
+        body=b"body",
+        url="http://h/x",
+        elapsed=0.5,
+        attempts=2,
+    )
+    result = new_result(3, request, response, None)
+    assert result == Result(3, request, response, None)
+    assert result.ok
+    for frozen, name in ((request, "url"), (response, "status"), (result, "index")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(frozen, name, 1)
 
 
 @pytest.mark.parametrize(

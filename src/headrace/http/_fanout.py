@@ -8,7 +8,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from .._errors import ConfigurationError, HeadraceError
-from ._models import Request, Result
+from ._models import Request, Result, get_request, new_result
 
 if TYPE_CHECKING:
     from ._fetcher import Fetcher
@@ -20,7 +20,7 @@ def coerce_request(item: object) -> Request:
     if isinstance(item, Request):
         return item
     if isinstance(item, str):
-        return Request(item)
+        return get_request(item)
     raise ConfigurationError(
         f"expected a headrace.http.Request or a URL string, got {type(item).__name__}"
     )
@@ -164,12 +164,12 @@ class ResultStream:
                 try:
                     response = await execute(request, bounded=False)
                 except HeadraceError as exc:
-                    result = Result(index, request, None, exc)
+                    result = new_result(index, request, None, exc)
                 except Exception as exc:
                     result = fetcher._unexpected(index, request, exc)
                 else:
                     if response.status < 400 or not fetcher.raise_for_status:
-                        result = Result(index, request, response, None)
+                        result = new_result(index, request, response, None)
                     else:
                         result = fetcher._result_of(index, request, response)
                 # _deliver inlined.

@@ -55,6 +55,7 @@ from ._models import (
     Response,
     Result,
     Timeouts,
+    new_response,
     parse_retry_after,
     redact_url,
     status_error,
@@ -406,7 +407,9 @@ class Fetcher:
         slots = self._slots
         assert session is not None
         assert slots is not None
-        fast_slots = self._fast_slots
+        # No limiter, no per-host limit, no slot_wait bound: a plain wait for a global
+        # slot does it, without the helper's two extra coroutine levels.
+        fast_slots = self._fast_slots and (not bounded or self.timeouts.slot_wait is None)
         started = self._now()
         failures = 0
         while True:
@@ -420,10 +423,16 @@ class Fetcher:
                     # worker and aiohttp is paid again on every resume, and in B6 the
                     # extra levels cost more client CPU than everything else we add.
                     attempt = failures + 1
-                    if fast_slots and not slots.locked():
-                        # No limiter, no per-host limit, a slot free: skip the helper.
-                        await slots.acquire()
+                    if fast_slots:
                         host_slots = None
+                        if slots.locked():
+                            self._waiting += 1
+                            try:
+                                await slots.acquire()
+                            finally:
+                                self._waiting -= 1
+                        else:
+                            await slots.acquire()
                     else:
                         host_slots = await self._acquire_slot(prepared, bounded)
                     self._attempts += 1
@@ -460,7 +469,9 @@ class Fetcher:
                             raise error from exc
                     finally:
                         self._in_flight -= 1
-                        self._release_slot(host_slots)
+                        slots.release()
+                        if host_slots is not None:
+                            host_slots.release()
                     response = self._response(prepared, raw, body, started, attempt)
             except HeadraceError as exc:
                 failures += 1
@@ -669,16 +680,17 @@ class Fetcher:
     ) -> Response:
         self._responses += 1
         self._bytes += len(body)
-        return Response(
-            request=prepared.request,
-            status=raw.status,
-            reason=raw.reason or "",
-            headers=raw.headers,
-            body=body,
+        request = prepared.request
+        return new_response(
+            request,
+            raw.status,
+            raw.reason or "",
+            raw.headers,
+            body,
             # The URL we asked for, unless redirects took us elsewhere (saves a str()).
-            url=str(raw.url) if raw.history else prepared.request.url,
-            elapsed=self._now() - started,
-            attempts=attempt,
+            str(raw.url) if raw.history else request.url,
+            self._now() - started,
+            attempt,
         )
 
     def _total_timeout(self, prepared: Prepared, started: float, attempt: int) -> DeadlineExceeded:
