@@ -516,3 +516,25 @@ async def test_cancelling_run_acks_handled_and_hands_back_the_rest(clock: Clock)
     assert (stats.handled, stats.acked, stats.handed_back) == (3, 3, 2)
     left = await remaining(broker, "jobs")
     assert sorted((m.body, m.attempt) for m in left) == [(b"slow", 1), (b"slow", 1)]
+
+
+async def test_broker_refusing_the_settings_stops_the_worker_with_the_error(
+    clock: Clock,
+) -> None:
+    """A ConfigurationError from fetch (e.g. a lease over the broker's max_lease) is not
+    retried forever: the worker stops in order and run() raises it."""
+
+    class Strict(MemoryBroker):
+        async def fetch(
+            self, topic: str, max_messages: int, *, timeout: float, lease: float | None = None
+        ) -> list[Message]:
+            raise ConfigurationError(f"fetch(lease)={lease} exceeds max_lease=10")
+
+    worker = Worker(Strict(clock=clock), clock=clock, lease=30.0)
+
+    @worker.handler("jobs")
+    async def handle(message: Message) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match="max_lease"):
+        await worker.run(handle_signals=False)

@@ -122,6 +122,8 @@ class Worker:
             )
         _positive("shutdown_timeout", shutdown_timeout, allow_zero=True)
         _positive("lease", lease)
+        if not math.isfinite(lease):
+            raise ConfigurationError(f"Worker(lease={lease!r}) must be finite seconds")
         _positive("fetch_timeout", fetch_timeout, allow_zero=True)
         _positive("ack_interval", ack_interval, allow_zero=True)
         _positive("settle_timeout", settle_timeout)
@@ -402,11 +404,16 @@ class Worker:
             finally:
                 stop_wait.cancel()
                 await asyncio.gather(stop_wait, return_exceptions=True)
+            failure: BaseException | None = None
             for task in (*fetchers, *ackers):
                 if task.done() and not task.cancelled() and task.exception() is not None:
+                    failure = failure or task.exception()
                     logger.error("worker task %s died: %r", task.get_name(), task.exception())
             self._state = _State.STOPPING
             await self._shutdown(broker, routes, fetchers, slots, ackers)
+            if failure is not None:
+                # Stopped in order (acked, handed back) first; now say why.
+                raise failure
         finally:
             every = [*fetchers, *slots, *ackers, *helpers]
             for task in every:

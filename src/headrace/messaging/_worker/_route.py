@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..._cancel import deadline, shielded
 from ..._clock import Clock
-from ..._errors import DeadlineExceeded, HeadraceError, InternalError, InvalidMessage
+from ..._errors import (
+    ConfigurationError,
+    DeadlineExceeded,
+    HeadraceError,
+    InternalError,
+    InvalidMessage,
+)
 from ..._retry import Retry
 from .._broker import Broker, Message
 
@@ -208,6 +214,10 @@ class Route:
                 messages = await self.broker.fetch(
                     self.spec.topic, free, timeout=self.fetch_timeout, lease=self.lease
                 )
+            except ConfigurationError:
+                # The broker refuses our settings (a lease over its max_lease...): no
+                # retry can help; the worker stops in order and run() raises it.
+                raise
             except Exception as exc:
                 failures += 1
                 delay = min(5.0, 0.05 * 2 ** min(failures, 10))
