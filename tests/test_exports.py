@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
+
+import pytest
 
 import headrace
 
@@ -75,6 +78,45 @@ EXPECTED = {
     "translate_errors",
 }
 
+EXPECTED_MESSAGING = {
+    "Broker",
+    "BrokerCapabilities",
+    "DeadLetter",
+    "IdempotencyStore",
+    "IdempotentTransaction",
+    "MemoryBroker",
+    "MemoryIdempotencyStore",
+    "Message",
+    "OutgoingMessage",
+    "Producer",
+    "ProducerCloseError",
+    "ProducerReport",
+    "PublishFailure",
+    "RedisIdempotencyStore",
+    "SqliteBroker",
+    "SqliteIdempotencyStore",
+    "Worker",
+    "WorkerStatistics",
+    "open_broker",
+}
+
+EXPECTED_HTTP = {
+    "DEFAULT_RETRY",
+    "Fetcher",
+    "FetcherStatistics",
+    "IDEMPOTENT_METHODS",
+    "RETRYABLE_STATUSES",
+    "Request",
+    "Response",
+    "Result",
+    "ResultStream",
+    "StreamResponse",
+    "SupportsAcquire",
+    "Timeouts",
+    "parse_retry_after",
+    "redact_url",
+}
+
 
 def test_all_is_pinned_and_sorted() -> None:
     """headrace.__all__ is exactly the expected set, sorted, and every name resolves."""
@@ -82,6 +124,18 @@ def test_all_is_pinned_and_sorted() -> None:
     assert list(headrace.__all__) == sorted(headrace.__all__)
     for name in headrace.__all__:
         assert getattr(headrace, name) is not None
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [("headrace.messaging", EXPECTED_MESSAGING), ("headrace.http", EXPECTED_HTTP)],
+)
+def test_submodule_exports_are_pinned(module: str, expected: set[str]) -> None:
+    """The messaging and http namespaces export exactly their pinned names."""
+    namespace = importlib.import_module(module)
+    assert set(namespace.__all__) == expected
+    for name in namespace.__all__:
+        assert getattr(namespace, name) is not None
 
 
 def test_import_headrace_imports_no_client_library() -> None:
