@@ -200,6 +200,15 @@ class ResultStream:
             raise StopAsyncIteration
         if not self._started:
             self._start()
+        finished = self._ready
+        if finished and not self._ordered and not self._fail_fast:
+            # The common case, without a coroutine call: results are waiting (workers
+            # finish in batches, one loop iteration wakes several) and need no sorting.
+            head = finished[0]
+            if type(head) is Result:
+                finished.popleft()
+                self._window.release()
+                return head
         while True:
             if self._ordered:
                 ready = self._pending.pop(self._next_expected, None)

@@ -55,6 +55,7 @@ from ._models import (
     Response,
     Result,
     Timeouts,
+    get_request,
     new_response,
     parse_retry_after,
     redact_url,
@@ -377,8 +378,10 @@ class Fetcher:
         Usable directly as a pipeline stage: ``Pipeline(urls).map(fetcher.fetch,
         workers=100)``.
         """
-        response = await self._execute(coerce_request(request))
-        if self.raise_for_status and response.status >= 400:
+        response = await self._execute(
+            get_request(request) if type(request) is str else coerce_request(request)
+        )
+        if response.status >= 400 and self.raise_for_status:
             error = status_error(
                 response, retry_after=parse_retry_after(response.headers.get("Retry-After"))
             )
@@ -425,14 +428,14 @@ class Fetcher:
                     attempt = failures + 1
                     if fast_slots:
                         host_slots = None
-                        if slots.locked():
-                            self._waiting += 1
-                            try:
-                                await slots.acquire()
-                            finally:
-                                self._waiting -= 1
-                        else:
+                        # Counted as waiting even when a slot is free: acquire() then
+                        # returns without suspending, so nobody can observe the gauge
+                        # in between, and two additions are cheaper than locked().
+                        self._waiting += 1
+                        try:
                             await slots.acquire()
+                        finally:
+                            self._waiting -= 1
                     else:
                         host_slots = await self._acquire_slot(prepared, bounded)
                     self._attempts += 1
