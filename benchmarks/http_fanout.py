@@ -23,8 +23,9 @@ aiohttp+sem and >= httpx+sem.
     python benchmarks/http_fanout.py [--requests 5000] [--rounds 5] [--quick]
 """
 
-# This file is named http.py; drop its folder from sys.path before anything imports the
-# standard library's ``http`` package (aiohttp does), or that import would find us.
+# Our folder holds other benchmark scripts whose names may shadow modules; drop it from
+# sys.path before importing aiohttp (this file was once named http.py and shadowed the
+# standard library's ``http``).
 import os
 import sys
 
@@ -334,7 +335,7 @@ def main() -> None:
             print(f"  {key:45s} {value:6.2f}x   CPU {cpu_ratios[key]:5.2f}x")
     summary["ratios"] = ratios
     summary["cpu_ratios"] = cpu_ratios
-    out = Path(_HERE) / "results" / "http.json"
+    out = Path(_HERE) / "results" / "http_fanout.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {out}")

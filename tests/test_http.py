@@ -183,6 +183,36 @@ async def test_fetch_all_refuses_bad_arguments() -> None:
         fetcher.fetch_all("http://127.0.0.1/")  # type: ignore[arg-type]
 
 
+async def test_fetch_all_window_hands_places_over_and_survives_cancellation() -> None:
+    """A returned window place goes to the first parked worker; one cancelled after
+    being handed a place passes it on, one cancelled while parked is skipped."""
+    fetcher = Fetcher()
+    stream = fetcher.fetch_all([], workers=1, buffer=0)
+    stream._room = 0
+    order: list[str] = []
+
+    async def park(name: str) -> None:
+        await stream._wait_for_room()
+        order.append(name)
+
+    first = asyncio.create_task(park("first"))
+    second = asyncio.create_task(park("second"))
+    third = asyncio.create_task(park("third"))
+    await asyncio.sleep(0)
+    second.cancel()  # cancelled while parked
+    await asyncio.sleep(0)
+    stream._give_room()  # -> first
+    first.cancel()  # handed a place, cancelled before it ran: the place moves on
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert order == ["third"]
+    assert first.cancelled()
+    assert second.cancelled()
+    stream._give_room()  # nobody parked any more: the counter takes it
+    assert stream._room == 1
+    await third
+
+
 async def test_slot_wait_expires_at_exactly_slot_wait(clock: Clock) -> None:
     """On the virtual clock, a request that finds every slot taken fails with
     http_slot_timeout at exactly slot_wait seconds, without touching the network."""

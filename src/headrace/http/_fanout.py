@@ -67,7 +67,12 @@ class ResultStream:
         self._ordered = ordered
         self._worker_count = workers
         self._fail_fast = fail_fast
-        self._window = asyncio.Semaphore(window)
+        # The window: how many more requests the workers may take from the source
+        # before the consumer catches up. A counter and a queue of parked workers
+        # rather than an asyncio.Semaphore: taking and returning a place happen once
+        # per request each, and here they cost an integer update, not a coroutine.
+        self._room = window
+        self._room_waiters: deque[asyncio.Future[None]] = deque()
         self._source_lock = asyncio.Lock()
         # Finished results, and the consumer's wake-up call when it waits for one. A
         # deque and one future instead of an asyncio.Queue: there is exactly one
@@ -130,25 +135,51 @@ class ResultStream:
                 self._consumer = None
         return self._ready.popleft()
 
+    async def _wait_for_room(self) -> None:
+        """Park until the consumer hands this worker a place in the window."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._room_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            # Handed a place just as we were cancelled: pass it on. A cancelled waiter
+            # stays queued; _give_room skips it (removing it here could race with a
+            # _give_room that already dropped it).
+            if waiter.done() and not waiter.cancelled():
+                self._give_room()
+            raise
+
+    def _give_room(self) -> None:
+        """Return one place: straight to the first parked worker, else to the counter."""
+        waiters = self._room_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._room += 1
+
     async def _work(self) -> None:
         fetcher = self._fetcher
         execute = fetcher._execute
-        window = self._window
         ready = self._ready
         sync_source = self._sync_source
         try:
             while True:
-                await window.acquire()
+                if self._room > 0:
+                    self._room -= 1
+                else:
+                    await self._wait_for_room()
                 if sync_source is not None:
                     # Inlined rather than a helper method: this runs once per request.
                     if self._exhausted:
-                        window.release()
+                        self._give_room()
                         return
                     try:
                         item = next(sync_source)
                     except StopIteration:
                         self._exhausted = True
-                        window.release()
+                        self._give_room()
                         return
                     index = self._next_index
                     self._next_index = index + 1
@@ -156,7 +187,7 @@ class ResultStream:
                 else:
                     numbered = await self._next_async()
                     if numbered is None:
-                        window.release()
+                        self._give_room()
                         return
                     index, request = numbered
                 # Awaiting _execute directly (not through a helper coroutine): one await
@@ -207,14 +238,14 @@ class ResultStream:
             head = finished[0]
             if type(head) is Result:
                 finished.popleft()
-                self._window.release()
+                self._give_room()
                 return head
         while True:
             if self._ordered:
                 ready = self._pending.pop(self._next_expected, None)
                 if ready is not None:
                     self._next_expected += 1
-                    self._window.release()
+                    self._give_room()
                     return ready
             if self._finished:
                 await self.aclose()
@@ -231,7 +262,7 @@ class ResultStream:
                 await self.aclose()
                 raise item.error
             if not self._ordered:
-                self._window.release()
+                self._give_room()
                 return item
             self._pending[item.index] = item
 
