@@ -134,11 +134,11 @@ class Fetcher:
 
     Measured here (B6 in ``benchmarks/http_fanout.py``: 5,000 GETs of 2 KB, concurrency 100,
     server in its own process): exactly 100 TCP connections accepted, like
-    aiohttp + semaphore; 0.86-1.0x its requests per second and 1.0-1.2x its client CPU
-    per request (the price of slots, retries, statistics and structured results, about
-    10 us a request); 13-21x httpx 0.28 + semaphore, whose 20-connection keep-alive cap
-    churned up to 869 connections; 3x a client per request (1,000 connections, as many
-    sockets left in TIME-WAIT)::
+    aiohttp + semaphore; 0.93-1.0x its requests per second and 1.04-1.10x its client
+    CPU per request (the price of the Request/Response objects, the retry budget and
+    the statistics, about 4-6 us of Python a request on a 2 KB GET); 15-25x httpx 0.28
+    + semaphore, whose 20-connection keep-alive cap churned up to 268 connections; 3x a
+    client per request (1,000 connections, as many sockets left in TIME-WAIT)::
 
         async with Fetcher(concurrency=100, per_host=20, rate_limit=50.0) as fetcher:
             async for result in fetcher.fetch_all(urls):
