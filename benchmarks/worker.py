@@ -267,6 +267,12 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=None)
     parser.add_argument("--no-redis", action="store_true")
     parser.add_argument("--no-faststream", action="store_true")
+    parser.add_argument(
+        "--group",
+        action="append",
+        default=None,
+        help="run only the groups whose name contains this (repeatable): sqlite, publish, redis",
+    )
     arguments = parser.parse_args()
     count = arguments.messages or (10_000 if arguments.quick else 50_000)
     directory = Path(tempfile.mkdtemp(prefix="headrace-bench-"))
@@ -299,6 +305,12 @@ def main() -> int:
             )
         groups["B3 redis"] = redis_group
 
+    if arguments.group:
+        groups = {
+            name: contenders
+            for name, contenders in groups.items()
+            if any(wanted in name for wanted in arguments.group)
+        }
     rates: dict[str, dict[str, list[float]]] = {
         group: {name: [] for name, _, _ in contenders} for group, contenders in groups.items()
     }

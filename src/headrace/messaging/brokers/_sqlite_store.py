@@ -182,6 +182,22 @@ class SqliteStore:
 
     # -- consuming ----------------------------------------------------------------------
 
+    def ready(self, topic: str, now: float) -> bool:
+        """Whether a message of ``topic`` is deliverable at ``now`` (a read, no lock).
+
+        The index walk over leased head rows runs inside SQLite, not row by row in
+        Python as :meth:`next_due` does; a busy consumer pays only this."""
+        conn = self.conn
+        assert conn is not None, "used before open()"
+        return (
+            conn.execute(
+                "SELECT 1 FROM headrace_messages WHERE topic = ? AND ready_at <= ? AND "
+                "lease_until <= ? LIMIT 1",
+                (topic, now, now),
+            ).fetchone()
+            is not None
+        )
+
     def next_due(self, topic: str) -> float | None:
         """When the topic's first message becomes deliverable (None: the topic is empty).
 
@@ -210,16 +226,16 @@ class SqliteStore:
         now: float,
         until: float,
         token: int,
-        take_acks: Callable[[], list[int]],
+        take_acks: Callable[[bool], list[int]],
     ) -> list[Message]:
         """Lease up to ``limit`` deliverable messages until ``until``, in order.
 
-        One transaction that also deletes the acked ids ``take_acks()`` hands over, at
+        One transaction that also deletes the acked ids ``take_acks(last)`` hands over, at
         its start and again just before the commit (acks that arrived meanwhile), and
         dead-letters messages over ``max_deliveries`` instead of delivering them."""
         cap = self._max_deliveries
         with self.transaction() as conn:
-            acked = take_acks()
+            acked = take_acks(False)
             if acked:
                 self._delete(conn, acked)
             rows: list[Any] = []
@@ -247,8 +263,8 @@ class SqliteStore:
                 if not over:
                     break
             # Acks that arrived while we claimed (the worker acks one batch while it
-            # fetches the next) still make this commit.
-            acked = take_acks()
+            # fetches the next) still make this commit; the last take.
+            acked = take_acks(True)
             if acked:
                 self._delete(conn, acked)
         return [

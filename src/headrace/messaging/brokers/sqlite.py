@@ -251,6 +251,10 @@ class SqliteBroker:
         self._pending_ids: list[int] = []
         self._pending_acks: list[asyncio.Future[None]] = []
         self._flush_queued = False
+        # Claims submitted to the thread that have not yet taken the pending acks for
+        # the last time: each one commits the acks queued before it, so an ack needs
+        # no transaction (nor thread hop) of its own while one is armed.
+        self._claims_armed = 0
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -454,9 +458,17 @@ class SqliteBroker:
         token = new_token()
         abandon = _Abandon()
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(
-            self._executor, self._claim_sync, topic, limit, now, now + lease, token, abandon
-        )
+        with self._lock:
+            self._claims_armed += 1
+        try:
+            # Shielded below, so the job always runs once submitted (and disarms).
+            future = loop.run_in_executor(
+                self._executor, self._claim_sync, topic, limit, now, now + lease, token, abandon
+            )
+        except BaseException:
+            with self._lock:
+                self._claims_armed -= 1
+            raise
         future.add_done_callback(self._after_claim)
         try:
             with translate_errors(
@@ -509,24 +521,34 @@ class SqliteBroker:
     def _claim_sync(
         self, topic: str, limit: int, now: float, until: float, token: int, abandon: _Abandon
     ) -> _ClaimOutcome:
-        # A read first (no write lock): idle consumers must not queue on the lock.
-        due = self._store.next_due(topic)
-        if due is None or due > now:
-            return [], due, []
+        # Armed (counted in _claims_armed) until its last take of the pending acks: acks
+        # queued meanwhile rely on this job to commit them, on every path out.
+        armed = True
         taken_ids: list[int] = []
         taken_acks: list[asyncio.Future[None]] = []
 
-        def take_acks() -> list[int]:
-            ids, acks = self._take_acks()
+        def take_acks(last: bool = False) -> list[int]:
+            nonlocal armed
+            ids, acks = self._take_acks(disarm=last and armed)
+            if last:
+                armed = False
             taken_ids.extend(ids)
             taken_acks.extend(acks)
             return ids
 
         try:
+            # A read first (no write lock): idle consumers must not queue on the lock.
+            if not self._store.ready(topic, now):
+                due = self._store.next_due(topic)
+                if take_acks(last=True):
+                    self._store.delete(taken_ids)
+                return [], due, taken_acks
             messages = self._store.claim(topic, limit, now, until, token, take_acks)
         except Exception:
-            if taken_ids:  # the acks did not commit: they wait for the next flush
-                with self._lock:
+            with self._lock:
+                if armed:
+                    self._claims_armed -= 1
+                if taken_ids:  # the acks did not commit: they wait for the next flush
                     self._pending_ids[:0] = taken_ids
                     self._pending_acks[:0] = taken_acks
             raise
@@ -552,7 +574,9 @@ class SqliteBroker:
         with self._lock:
             self._pending_ids.extend(ids)
             self._pending_acks.append(done)
-        self._schedule_ack_flush()
+            armed = self._claims_armed > 0
+        if not armed:  # else the claim on its way commits them in its transaction
+            self._schedule_ack_flush()
         with translate_errors(
             _ERRORS,
             message=lambda exc: f"SQLite ack() on {self._path!r} failed: {exc}",
@@ -574,8 +598,10 @@ class SqliteBroker:
             return
         job.add_done_callback(_settle_acks)
 
-    def _take_acks(self) -> tuple[list[int], list[asyncio.Future[None]]]:
+    def _take_acks(self, *, disarm: bool = False) -> tuple[list[int], list[asyncio.Future[None]]]:
         with self._lock:
+            if disarm:
+                self._claims_armed -= 1
             ids, self._pending_ids = self._pending_ids, []
             acks, self._pending_acks = self._pending_acks, []
         return ids, acks
@@ -583,6 +609,10 @@ class SqliteBroker:
     def _flush_acks_sync(self) -> _AckOutcome:
         with self._lock:
             self._flush_queued = False
+            # One thread runs the jobs in order: an armed claim is queued behind this
+            # job and commits these acks with its claim, one transaction for both.
+            if self._claims_armed > 0:
+                return [], None
         ids, acks = self._take_acks()
         if not ids:
             return acks, None
