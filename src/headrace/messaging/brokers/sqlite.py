@@ -255,6 +255,8 @@ class SqliteBroker:
         # the last time: each one commits the acks queued before it, so an ack needs
         # no transaction (nor thread hop) of its own while one is armed.
         self._claims_armed = 0
+        # Topics whose last claim filled its batch (the broker's thread only).
+        self._full_topics: set[str] = set()
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -538,7 +540,9 @@ class SqliteBroker:
 
         try:
             # A read first (no write lock): idle consumers must not queue on the lock.
-            if not self._store.ready(topic, now):
+            # Skipped right after a full batch, when more are likely ready: there it
+            # cost as much as the claim's own SELECT (benchmarks/worker.py, B4).
+            if topic not in self._full_topics and not self._store.ready(topic, now):
                 due = self._store.next_due(topic)
                 if take_acks(last=True):
                     self._store.delete(taken_ids)
@@ -552,10 +556,20 @@ class SqliteBroker:
                     self._pending_ids[:0] = taken_ids
                     self._pending_acks[:0] = taken_acks
             raise
+        due = None
+        if len(messages) >= limit:
+            self._full_topics.add(topic)
+        else:
+            self._full_topics.discard(topic)
+            if not messages:
+                try:
+                    due = self._store.next_due(topic)
+                except Exception:  # the fetch waits poll_interval instead
+                    pass
         abandon.messages = messages
         if abandon.cancelled:
             self._release_sync(abandon)
-        return messages, None, taken_acks
+        return messages, due, taken_acks
 
     async def ack(self, messages: Sequence[Message]) -> None:
         """Delete handled messages for good, even if their lease expired meanwhile.
