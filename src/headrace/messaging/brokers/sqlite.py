@@ -115,6 +115,10 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+# Loop ticks an ack waits for a claim to carry it before it gets a flush job of its own
+# (1 was enough for the worker: 392 of 500 acks got their own transaction, then 1).
+_FLUSH_TICKS = 1
+
 # The acks a job committed (or failed to) and the error, settled on the loop's thread.
 _AckOutcome = tuple[list["asyncio.Future[None]"], BaseException | None]
 # A claim's messages, when the next one is due, and the acks its transaction committed.
@@ -590,7 +594,7 @@ class SqliteBroker:
             self._pending_acks.append(done)
             armed = self._claims_armed > 0
         if not armed:  # else the claim on its way commits them in its transaction
-            self._schedule_ack_flush()
+            self._schedule_ack_flush_soon(loop, _FLUSH_TICKS)
         with translate_errors(
             _ERRORS,
             message=lambda exc: f"SQLite ack() on {self._path!r} failed: {exc}",
@@ -598,9 +602,18 @@ class SqliteBroker:
         ):
             await done
 
+    def _schedule_ack_flush_soon(self, loop: asyncio.AbstractEventLoop, ticks: int) -> None:
+        # A worker acks a batch and fetches the next one in the same few loop ticks,
+        # the ack usually first: waiting those ticks lets the claim carry the acks in
+        # its transaction (one commit, no flush job) instead of two back to back.
+        if ticks > 0:
+            loop.call_soon(self._schedule_ack_flush_soon, loop, ticks - 1)
+        else:
+            self._schedule_ack_flush()
+
     def _schedule_ack_flush(self) -> None:
         with self._lock:
-            if self._flush_queued or not self._pending_acks:
+            if self._flush_queued or not self._pending_acks or self._claims_armed > 0:
                 return
             self._flush_queued = True
         loop = asyncio.get_running_loop()
