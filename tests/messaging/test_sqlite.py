@@ -377,6 +377,44 @@ async def test_concurrent_acks_commit_together(tmp_path: Path) -> None:
     assert rows(path, "SELECT count(*) FROM headrace_messages") == [(0,)]
 
 
+@pytest.mark.parametrize("first_batch", [10, 20])
+async def test_ack_rides_on_the_next_claim(tmp_path: Path, first_batch: int) -> None:
+    """An ack issued as the next fetch starts commits in that claim's transaction (one
+    COMMIT for both), also when the claim finds nothing deliverable."""
+    path = tmp_path / "jobs.db"
+    async with SqliteBroker(path) as broker:
+        await broker.publish("jobs", numbered(15))
+        batch = await broker.fetch("jobs", first_batch, timeout=0, lease=30.0)
+        assert len(batch) == min(first_batch, 15)
+        statements: list[str] = []
+        conn = broker._store.conn
+        assert conn is not None
+        conn.set_trace_callback(statements.append)  # runs on the broker's thread
+        acked = asyncio.ensure_future(broker.ack(batch))
+        await asyncio.sleep(0)  # the ack waits a tick for a claim to carry it
+        rest = await broker.fetch("jobs", 10, timeout=0, lease=30.0)
+        await acked
+        conn.set_trace_callback(None)
+        assert [m.body for m in rest] == [str(n).encode() for n in range(len(batch), 15)]
+        # Durable on return, and only one transaction committed both.
+        ids = [int(m.id) for m in batch]
+        marks = ",".join("?" * len(ids))
+        assert rows(path, f"SELECT id FROM headrace_messages WHERE id IN ({marks})", *ids) == []
+        assert statements.count("COMMIT") == 1
+        await broker.ack(rest)
+    assert rows(path, "SELECT count(*) FROM headrace_messages") == [(0,)]
+
+
+async def test_ack_alone_gets_its_own_transaction(tmp_path: Path) -> None:
+    """With no fetch coming, an ack still commits (one flush job) before it returns."""
+    path = tmp_path / "jobs.db"
+    async with SqliteBroker(path) as broker:
+        await broker.publish("jobs", numbered(5))
+        batch = await broker.fetch("jobs", 5, timeout=0, lease=30.0)
+        await broker.ack(batch)
+        assert rows(path, "SELECT count(*) FROM headrace_messages") == [(0,)]
+
+
 async def test_close_lets_running_acks_commit(tmp_path: Path) -> None:
     """close() while acks are on their way: they commit first, nothing fails."""
     path = tmp_path / "jobs.db"
