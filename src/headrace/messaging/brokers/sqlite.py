@@ -24,9 +24,12 @@ a write). Why these choices:
   delayed message or lease expiry (one indexed read), a publish in this process (an
   in-process wake-up), or ``poll_interval`` (publishes by other processes).
 * **Batches:** publish is one transaction with ``executemany``; ack is one
-  ``DELETE ... WHERE id IN (...)``, and acks that arrive while the thread is busy are
-  committed together with each other and with the next claim (group commit); a claim is
-  one ``SELECT`` and one ``UPDATE ... WHERE id IN (...)`` in a ``BEGIN IMMEDIATE``.
+  ``DELETE ... WHERE id IN (...)``. An ack rides in the transaction of the next claim
+  when one is queued or starts within a loop tick (the worker acks a batch as it
+  fetches the next: one commit and one thread hop for both); otherwise the acks that
+  arrived while the thread was busy commit together (group commit). A claim is one
+  ``SELECT`` and one ``UPDATE ... WHERE id IN (...)`` in a ``BEGIN IMMEDIATE``,
+  preceded by a lock-free readiness read unless the previous claim filled its batch.
 
 Bodies are stored as BLOBs, headers as JSON; nothing is pickled. The schema and every
 statement live in :mod:`._sqlite_store` (synchronous, run on the broker's thread); this
@@ -578,9 +581,10 @@ class SqliteBroker:
     async def ack(self, messages: Sequence[Message]) -> None:
         """Delete handled messages for good, even if their lease expired meanwhile.
 
-        Returns once the deletion committed. Acks that arrive while the broker's thread
-        is busy are committed together, with each other and with the next claim (group
-        commit): one transaction instead of one per call."""
+        Returns once the deletion committed. The deletion joins the transaction of a
+        claim queued on the broker's thread or starting within one loop tick; acks
+        that arrive while the thread is busy are committed together (group commit):
+        one transaction instead of one per call."""
         self._check_open("ack")
         ids = [int(m.id) for m in messages]
         if not ids:
