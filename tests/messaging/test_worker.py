@@ -77,6 +77,47 @@ async def test_handles_and_acks_every_message(clock: Clock) -> None:
     assert await remaining(broker, "jobs") == []
 
 
+async def test_slow_handlers_fan_out_to_every_slot_at_once(clock: Clock) -> None:
+    """Slots wake one after another, but all within the same instant: 8 slow handlers
+    all start at t=0 and run together."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [str(i).encode() for i in range(16)])
+    worker = Worker(broker, clock=clock)
+    starts: list[float] = []
+    running = peak = 0
+
+    @worker.handler("jobs", concurrency=8)
+    async def handle(message: Message) -> None:
+        nonlocal running, peak
+        starts.append(clock.now())
+        running += 1
+        peak = max(peak, running)
+        await clock.sleep(1.0)
+        running -= 1
+
+    stats = await worker.run(exit_when_idle=1.0, handle_signals=False)
+    assert stats.handled == 16
+    assert sorted(starts) == [0.0] * 8 + [1.0] * 8
+    assert peak == 8
+
+
+async def test_instant_handlers_drain_a_batch_in_one_slot(clock: Clock) -> None:
+    """Handlers that never suspend are run back to back by the first slot woken, not
+    one task switch per message: a few slot tasks for 4 batches of 50, not 50."""
+    broker = MemoryBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [str(i).encode() for i in range(200)])
+    worker = Worker(broker, clock=clock)
+    tasks: set[asyncio.Task[Any] | None] = set()
+
+    @worker.handler("jobs", concurrency=50)
+    async def handle(message: Message) -> None:
+        tasks.add(asyncio.current_task())
+
+    stats = await worker.run(exit_when_idle=1.0, handle_signals=False)
+    assert (stats.handled, stats.acked) == (200, 200)
+    assert 1 <= len(tasks) <= 5  # per batch: the slot woken, and the one it woke
+
+
 async def test_retries_use_delayed_nack_at_exact_backoff_times(clock: Clock) -> None:
     """A failing handler is retried after 1 s, then 2 s (the policy's backoff), not slept."""
     broker = MemoryBroker(max_deliveries=None, clock=clock)

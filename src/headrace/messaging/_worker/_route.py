@@ -154,7 +154,10 @@ class Route:
         self.last_activity = clock.now()
         # When the latest retry this worker scheduled comes due: not idle before then.
         self.retry_due = -math.inf
-        self._idle_slots: deque[asyncio.Future[Message | None]] = deque()
+        # Idle slots wait here: True wakes one to take buffered messages, None stops it.
+        self._idle_slots: deque[asyncio.Future[bool | None]] = deque()
+        # A slot was woken and has not run yet (at most one: see _dispatch).
+        self._waking = False
         self._space = asyncio.Event()
         self._fetcher_waiting = False
         self._ack_ready = asyncio.Event()
@@ -263,14 +266,21 @@ class Route:
         return task is not None and task.cancelling() > 0
 
     def _dispatch(self) -> None:
-        while self.buffer and self._idle_slots:
+        """Wake one idle slot for the buffered messages.
+
+        One at a time: a slot that takes a message wakes the next idle one while more
+        wait (:meth:`_next`). Fast handlers are then drained by the first slot without a
+        task switch per message (c=100 used to wake 100 tasks per batch), and slow ones
+        still fan out to every slot, one loop tick apart. Buffered messages count as
+        held until a slot takes them, so the fetch loop never sees them as room."""
+        if self._waking or not self.buffer:
+            return
+        while self._idle_slots:
             waiter = self._idle_slots.popleft()
             if not waiter.done():
-                # In flight from the hand-off on, not from when the slot resumes: the
-                # fetch loop must not count a message in transit as free capacity.
-                message = self.buffer.popleft()
-                self.in_flight[id(message)] = message
-                waiter.set_result(message)
+                waiter.set_result(True)
+                self._waking = True
+                return
 
     def take_buffer(self) -> list[Message]:
         """Remove and return every fetched-but-unstarted message (for a hand-back)."""
@@ -292,24 +302,28 @@ class Route:
     # -- handling ----------------------------------------------------------------
 
     async def _next(self) -> Message | None:
-        if self.stopping:
-            return None
-        if self.buffer:
-            message = self.buffer.popleft()
-            self.in_flight[id(message)] = message
-            return message
-        waiter: asyncio.Future[Message | None] = asyncio.get_running_loop().create_future()
-        self._idle_slots.append(waiter)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            # A message handed to us in the same instant must not vanish with the slot.
-            if waiter.done() and not waiter.cancelled():
-                handed = waiter.result()
-                if handed is not None:
-                    self.in_flight.pop(id(handed), None)
-                    self.buffer.appendleft(handed)
-            raise
+        while True:
+            if self.stopping:
+                return None
+            if self.buffer:
+                message = self.buffer.popleft()
+                self.in_flight[id(message)] = message
+                # More waiting: pass the wake-up on (once; see _dispatch).
+                self._dispatch()
+                return message
+            waiter: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+            self._idle_slots.append(waiter)
+            try:
+                woken = await waiter
+            except asyncio.CancelledError:
+                # Woken in the same instant: the wake-up must not vanish with the slot.
+                if waiter.done() and not waiter.cancelled() and waiter.result():
+                    self._waking = False
+                    self._dispatch()
+                raise
+            if woken is None:  # stop()
+                return None
+            self._waking = False
 
     async def slot(self) -> None:
         """One handler slot: take a message, handle it, settle it; repeat."""
