@@ -13,7 +13,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing headrace[dev] into $VENV ..." >&2
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   "$VENV/bin/python" -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  "$VENV/bin/python" -c "import headrace, looptime, redis, aiohttp" \
+  "$VENV/bin/python" -c "import headrace, redis, aiohttp" \
     || { echo "installing headrace[dev] failed" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

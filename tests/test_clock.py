@@ -25,15 +25,28 @@ def test_monotonic_clock_outside_a_loop_reads_time_monotonic() -> None:
 
 
 async def test_virtual_time_jumps_exactly(clock: VirtualClock) -> None:
-    """Sleeps add up to exact virtual times, with no float drift."""
+    """Time jumps to exactly each timer's time (float sums are ordinary float sums)."""
     assert clock.now() == 0.0
     for _ in range(3):
-        await asyncio.sleep(0.1)
-    assert clock.now() == 0.3
+        await asyncio.sleep(0.25)
+    assert clock.now() == 0.75
+    await clock.sleep(0.1)
     await clock.sleep(0.2)
-    assert clock.now() == 0.5
+    assert clock.now() == 0.75 + 0.1 + 0.2
     await clock.sleep_until(2.25)
     assert clock.now() == 2.25
+
+
+async def test_a_woken_sleeper_never_sees_now_before_its_deadline(clock: VirtualClock) -> None:
+    """A timer due a fraction of a microsecond ahead wakes with now() >= due (no spin)."""
+    await asyncio.sleep(5.123456)
+    due = clock.now() + 5e-10
+    wakeups = 0
+    while clock.now() < due:
+        wakeups += 1
+        assert wakeups < 3, "re-armed timer spins at one virtual instant"
+        await clock.sleep_until(due)
+    assert clock.now() == due
 
 
 async def test_default_clock_reads_virtual_time_on_a_virtual_loop(clock: VirtualClock) -> None:

@@ -7,19 +7,22 @@ supervisors, retries) reads time and sleeps through a :class:`Clock`. The defaul
 time only moves when every task is blocked: it then jumps straight to the next timer,
 so tests assert exact times (``assert clock.now() == 0.25``) and run in milliseconds.
 
-Why the ``looptime`` package drives it rather than a loop of our own: we wrote a
-selector-wrapping loop first and compared the two (looptime 0.9). Both jump to the next
-timer when idle and both let time flow while executor threads are busy, but looptime
-keeps time as integer ticks, so three ``sleep(0.1)`` end at exactly ``0.3`` where ours
-drifted to ``0.30000000000000004``; and it is maintained for exactly this job. It works
-without its pytest plugin (``looptime.new_event_loop``), so :class:`VirtualClock` wraps
-it into a :class:`Clock` that users can run with ``asyncio.Runner`` or our pytest plugin.
-It is imported only when a virtual loop is made (``pip install headrace[testing]``).
+Why a loop of our own and not the ``looptime`` package (both tried here): looptime keeps
+time as integer microseconds, which makes ``0.1 + 0.2`` come out as ``0.3``, but asyncio
+runs a timer when ``when < time() + 1e-9``; a timer due a fraction of a microsecond past
+a tick then runs while ``now() < when``, and code that re-checks ``now < due`` and
+re-arms spins forever at one virtual instant (it hung our randomized-cancellation run
+and a worker test; a dozen lines reproduce it). Our loop jumps time to exactly the
+``when`` of the next timer, as trio's ``MockClock`` does, so a woken sleeper always
+sees ``now() >= when``; sums of sleeps follow ordinary float arithmetic (assert exact
+times with representable values like 0.25, or ``pytest.approx``). While executor
+threads are in flight, time flows at real speed instead, never past the next timer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import selectors
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -110,33 +113,95 @@ def default_clock() -> Clock:
     return _DEFAULT_CLOCK
 
 
+class _VirtualSelector:
+    """Wraps a real selector: polls real I/O, and jumps time instead of blocking."""
+
+    def __init__(self, selector: selectors.BaseSelector, clock: VirtualClock) -> None:
+        self._selector = selector
+        self._clock = clock
+        self.loop: _VirtualTimeLoop | None = None
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        events = self._selector.select(0)
+        if events or (timeout is not None and timeout <= 0):
+            return events
+        loop = self.loop
+        assert loop is not None
+        next_when = loop._next_timer()
+        if loop._threads_in_flight > 0 or next_when is None:
+            # A worker thread is busy (or nothing is scheduled at all): wait for real,
+            # and let virtual time flow at real speed meanwhile, never past the next timer.
+            started = time.monotonic()
+            events = self._selector.select(timeout)
+            if next_when is not None:
+                elapsed = time.monotonic() - started
+                self._clock._now = min(self._clock._now + elapsed, next_when)
+                if not events:
+                    self._clock._now = max(self._clock._now, next_when)
+            return events
+        # Every task is blocked: jump to exactly the next timer's time.
+        self._clock._now = max(self._clock._now, next_when)
+        return []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._selector, name)
+
+
+class _VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """A selector event loop whose ``time()`` is a :class:`VirtualClock`'s."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        selector = _VirtualSelector(selectors.DefaultSelector(), clock)
+        super().__init__(selector)  # type: ignore[arg-type]
+        selector.loop = self
+        self._virtual_clock = clock
+        self._threads_in_flight = 0
+
+    def time(self) -> float:
+        return self._virtual_clock._now
+
+    def _next_timer(self) -> float | None:
+        # The loop keeps its timers in a heap; its head is the next deadline. The loop
+        # pops cancelled heads before it computes the select timeout.
+        scheduled: list[asyncio.TimerHandle] = self._scheduled  # type: ignore[attr-defined]
+        for handle in scheduled[:1]:
+            return handle.when()
+        return None
+
+    def run_in_executor(  # type: ignore[override]  # same call, looser annotations
+        self, executor: Any, func: Callable[..., _T], *args: Any
+    ) -> Any:
+        future = super().run_in_executor(executor, func, *args)
+        self._threads_in_flight += 1
+
+        def _done(_: object) -> None:
+            self._threads_in_flight -= 1
+
+        future.add_done_callback(_done)
+        return future
+
+
 class VirtualClock:
     """A clock for tests: time stands still while tasks run and jumps when all wait.
 
     Create one, then run code on its loop with :meth:`run` (or pass
     :meth:`new_event_loop` as ``asyncio.Runner(loop_factory=...)``). Inside, every
     ``asyncio.sleep``, ``asyncio.timeout``, ``loop.call_later`` and headrace primitive
-    sees virtual time, starting at ``start`` (0.0 by default) with a resolution of one
-    microsecond. When no callback is ready and no I/O arrives for a few loop cycles,
-    time moves to the next timer at once. While executor threads are running, time
-    flows at real speed instead, so a thread gets to answer before a virtual timeout
-    fires. Do not test real network I/O on a virtual clock: a reply that takes a real
-    millisecond loses the race against any pending timer.
-
-    Time is kept in whole microseconds, which is what makes ``0.1 + 0.2`` come out as
-    ``0.3``. The flip side: a float deadline like ``0.14 + 0.01``
-    (``0.15000000000000002``) is reached when ``now()`` says ``0.15``, so a loop that
-    re-arms a timer while ``now() < deadline`` spins; compare with a margin of 1e-6 s.
+    sees virtual time, starting at ``start`` (0.0 by default). When no callback is
+    ready and no I/O is pending, the loop moves time to exactly the next timer's
+    ``when``. While executor threads are running, time flows at real speed instead, so
+    a thread gets to answer before a virtual timeout fires. Do not test real network
+    I/O on a virtual clock: a reply that takes a real millisecond loses the race
+    against any pending timer.
 
     One clock drives one loop at a time; it is not thread-safe.
     """
 
     def __init__(self, start: float = 0.0) -> None:
-        self._start = float(start)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._now = float(start)
 
     def now(self) -> float:
-        return self._loop.time() if self._loop is not None else self._start
+        return self._now
 
     async def sleep(self, seconds: float) -> None:
         await _DEFAULT_CLOCK.sleep(seconds)
@@ -149,16 +214,7 @@ class VirtualClock:
 
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
         """Return a new event loop that runs on this clock's virtual time."""
-        try:
-            import looptime
-        except ImportError as exc:  # pragma: no cover - depends on the installed extras
-            raise ImportError(
-                "VirtualClock needs the looptime package: pip install 'headrace[testing]'"
-            ) from exc
-        start = self.now()
-        loop: asyncio.AbstractEventLoop = looptime.new_event_loop(start=start)
-        self._loop = loop
-        return loop
+        return _VirtualTimeLoop(self)
 
     def run(self, main: Coroutine[Any, Any, _T], *, debug: bool | None = None) -> _T:
         """Run ``main`` to completion on a new virtual-time loop, like ``asyncio.run``."""
@@ -166,4 +222,4 @@ class VirtualClock:
             return runner.run(main)
 
     def __repr__(self) -> str:
-        return f"VirtualClock(now={self.now()!r})"
+        return f"VirtualClock(now={self._now!r})"

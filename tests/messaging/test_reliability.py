@@ -42,6 +42,8 @@ APP = Path(__file__).parent / "_apps" / "reliability_worker.py"
 TRIALS = int(os.environ.get("HEADRACE_RELIABILITY_TRIALS", "2"))
 CONCURRENCY = 16
 ACK_BATCH = 100  # the Worker's default: handled-but-unacked messages at a kill -9
+# The Worker's default prefetch tops a fetch up to ACK_BATCH: messages held, not started.
+PREFETCH = max(0, ACK_BATCH - CONCURRENCY)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -202,7 +204,7 @@ def test_r3_kill_9_under_load(broker_url: str, tmp_path: Path, mode: str) -> Non
     """R3: kill -9 mid-run, then a fresh worker: 0 lost; redeliveries bounded by the
     in-flight window; with the transactional idempotency store, 0 duplicate effects."""
     rng = random.Random(3)
-    window = CONCURRENCY + ACK_BATCH
+    window = CONCURRENCY + PREFETCH + ACK_BATCH
     for trial in range(TRIALS):
         effects_path = tmp_path / f"effects-r3-{mode}-{trial}.db"
         ids = publish(broker_url, [b"job %d" % i for i in range(1500)])

@@ -55,6 +55,21 @@ async def remaining(broker: MemoryBroker, topic: str) -> list[Message]:
     return await broker.fetch(topic, 10_000, timeout=0, lease=1000)
 
 
+async def test_default_prefetch_tops_the_fetch_up_to_the_ack_batch(clock: Clock) -> None:
+    """By default a fetch asks for free slots + prefetch = ack_batch messages."""
+    broker = SpyBroker(max_deliveries=None, clock=clock)
+    await publish(broker, "jobs", [b"x"] * 30)
+    worker = Worker(broker, clock=clock, ack_batch=20)
+
+    @worker.handler("jobs", concurrency=8)
+    async def handle(message: Message) -> None:
+        await asyncio.sleep(0.01)
+
+    stats = await worker.run(exit_when_idle=1.0, handle_signals=False)
+    assert broker.fetch_sizes[0] == 20
+    assert (stats.handled, stats.acked) == (30, 30)
+
+
 async def test_handles_and_acks_every_message(clock: Clock) -> None:
     """Every message is handled once and acked; nothing is left in the broker."""
     broker = SpyBroker(max_deliveries=None, clock=clock)
@@ -62,7 +77,7 @@ async def test_handles_and_acks_every_message(clock: Clock) -> None:
     worker = Worker(broker, clock=clock, ack_batch=100, ack_interval=0.5)
     seen: list[bytes] = []
 
-    @worker.handler("jobs", concurrency=8)
+    @worker.handler("jobs", concurrency=8, prefetch=0)
     async def handle(message: Message) -> None:
         await asyncio.sleep(0.01)
         seen.append(message.body)

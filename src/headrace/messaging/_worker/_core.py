@@ -172,7 +172,7 @@ class Worker:
         topic: str,
         *,
         concurrency: int = 16,
-        prefetch: int = 0,
+        prefetch: int | None = None,
         timeout: float | None = None,
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
@@ -181,13 +181,19 @@ class Worker:
     ) -> Callable[[Handler], Handler]:
         """Register ``async def fn(message) -> None`` for ``topic``; returns ``fn`` unchanged.
 
-        ``concurrency``: handlers running at once for this topic (and the fetch batch
-        size: a fetch asks for as many messages as there are free slots, plus up to
-        ``prefetch`` extra held ready). ``timeout``: seconds per call (a
-        :class:`~headrace.DeadlineExceeded`, retried). ``retry``: the policy for
-        failures (default: the worker's ``max_attempts`` and backoff, every exception
-        retried except non-transient headrace errors); ``Retry.max_attempts`` counts
-        deliveries. ``rate_limit``: awaited (``acquire()``) before each call.
+        ``concurrency``: handlers running at once for this topic. A fetch asks for as
+        many messages as there are free slots plus up to ``prefetch`` extra held ready;
+        by default ``prefetch`` tops the batch up to the worker's ``ack_batch`` (84 at
+        concurrency 16), because a broker round trip per 16 messages costs more than
+        the messages (B4: 0.38x the hand-written SQLite loop without, 0.78x with).
+        Held messages have their leases extended and are handed back at once on
+        shutdown; pass ``prefetch=0`` when other consumers should get every message
+        this one cannot start right away (long handlers, few messages).
+        ``timeout``: seconds per call (a :class:`~headrace.DeadlineExceeded`, retried).
+        ``retry``: the policy for failures (default: the worker's ``max_attempts`` and
+        backoff, every exception retried except non-transient headrace errors);
+        ``Retry.max_attempts`` counts deliveries. ``rate_limit``: awaited
+        (``acquire()``) before each call.
         ``idempotent``: ``True`` uses the worker's ``idempotency`` store, or pass a
         store; the handler then runs at most once per message key (or id) *that
         completed*: the key is recorded after the handler returns, so a crash between
@@ -206,7 +212,9 @@ class Worker:
             raise ConfigurationError(f"Worker.handler({topic!r}): topic already has a handler")
         if concurrency < 1:
             raise ConfigurationError(f"Worker.handler({topic!r}, concurrency={concurrency}) < 1")
-        if prefetch < 0:
+        if prefetch is None:
+            prefetch = max(0, self.ack_batch - concurrency)
+        elif prefetch < 0:
             raise ConfigurationError(f"Worker.handler({topic!r}, prefetch={prefetch}) < 0")
         if timeout is not None:
             _positive("timeout", timeout)
