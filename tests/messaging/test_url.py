@@ -66,3 +66,20 @@ def test_non_string_url() -> None:
     """A URL that is not a string is a ConfigurationError naming the type."""
     with pytest.raises(ConfigurationError, match="int"):
         open_broker(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 2.5, "3"])
+@pytest.mark.parametrize("scheme", ["memory://checks", "sqlite:///checks.db", "redis://x"])
+def test_every_adapter_refuses_a_bad_max_deliveries(scheme: str, value: object) -> None:
+    """One shared check: every broker names itself and the value, with one code."""
+    from headrace.messaging import MemoryBroker, SqliteBroker
+    from headrace.messaging.brokers.redis import RedisBroker
+
+    build = {
+        "memory://checks": lambda: MemoryBroker(max_deliveries=value),  # type: ignore[arg-type]
+        "sqlite:///checks.db": lambda: SqliteBroker("checks.db", max_deliveries=value),  # type: ignore[arg-type]
+        "redis://x": lambda: RedisBroker("redis://127.0.0.1:1/0", max_deliveries=value),  # type: ignore[arg-type]
+    }[scheme]
+    with pytest.raises(ConfigurationError, match=r"max_deliveries=") as caught:
+        build()
+    assert caught.value.code == "invalid_max_deliveries"

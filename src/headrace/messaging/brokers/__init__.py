@@ -57,6 +57,17 @@ def check_lease(lease: object, *, where: str = "lease") -> float:
     return float(lease)
 
 
+def check_max_deliveries(value: object, *, broker: str) -> int | None:
+    """Return ``max_deliveries`` if it is ``None`` or an int >= 1 (``broker`` names the
+    adapter in the message)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigurationError(
+            f"{broker}(max_deliveries={value!r}) must be an integer >= 1 or None",
+            code="invalid_max_deliveries",
+        )
+    return value
+
+
 def check_fetch_arguments(max_messages: object, timeout: object, lease: object) -> None:
     """Validate ``fetch(max_messages, timeout=, lease=)``; ``timeout`` may be ``inf``."""
     if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:

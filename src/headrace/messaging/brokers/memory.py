@@ -25,6 +25,7 @@ from . import (
     check_error_record,
     check_fetch_arguments,
     check_lease,
+    check_max_deliveries,
     check_outgoing,
     check_topic,
     max_deliveries_record,
@@ -177,15 +178,7 @@ class MemoryBroker:
         lease: float = 30.0,
         clock: Clock | None = None,
     ) -> None:
-        if max_deliveries is not None and (
-            isinstance(max_deliveries, bool)
-            or not isinstance(max_deliveries, int)
-            or max_deliveries < 1
-        ):
-            raise ConfigurationError(
-                f"MemoryBroker(max_deliveries={max_deliveries!r}) must be an integer >= 1 or None",
-                code="invalid_max_deliveries",
-            )
+        max_deliveries = check_max_deliveries(max_deliveries, broker="MemoryBroker")
         self._lease = check_lease(lease, where="MemoryBroker(lease)")
         self._name = name
         if name is None:

@@ -63,6 +63,7 @@ from . import (
     check_error_record,
     check_fetch_arguments,
     check_lease,
+    check_max_deliveries,
     check_outgoing,
     check_topic,
 )
@@ -213,15 +214,7 @@ class SqliteBroker:
         time: Callable[[], float] | None = None,
         clock: Clock | None = None,
     ) -> None:
-        if max_deliveries is not None and (
-            isinstance(max_deliveries, bool)
-            or not isinstance(max_deliveries, int)
-            or max_deliveries < 1
-        ):
-            raise ConfigurationError(
-                f"SqliteBroker(max_deliveries={max_deliveries!r}) must be an integer >= 1 or None",
-                code="invalid_max_deliveries",
-            )
+        max_deliveries = check_max_deliveries(max_deliveries, broker="SqliteBroker")
         self._lease = check_lease(lease, where="SqliteBroker(lease)")
         self._poll_interval = check_lease(poll_interval, where="SqliteBroker(poll_interval)")
         self._busy_timeout = check_lease(busy_timeout, where="SqliteBroker(busy_timeout)")

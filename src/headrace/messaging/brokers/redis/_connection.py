@@ -27,7 +27,7 @@ from ...._errors import (
     translate_errors,
 )
 from ..._broker import BrokerCapabilities
-from .. import check_lease, check_topic
+from .. import check_lease, check_max_deliveries, check_topic
 from . import _scripts as scripts
 from ._options import _default_consumer, _split_url
 
@@ -181,12 +181,7 @@ class _RedisConnection:
                     f"RedisBroker({name}={value!r}) must be a non-empty string",
                     code="invalid_configuration",
                 )
-        cap = options["max_deliveries"]
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise ConfigurationError(
-                f"RedisBroker(max_deliveries={cap!r}) must be an integer >= 1 or None",
-                code="invalid_max_deliveries",
-            )
+        cap = check_max_deliveries(options["max_deliveries"], broker="RedisBroker")
         default_lease = check_lease(options["lease"], where="RedisBroker(lease)")
         self._max_lease = (
             default_lease
