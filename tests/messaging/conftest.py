@@ -39,16 +39,22 @@ def _memory_case(request: pytest.FixtureRequest) -> BrokerMaker:
     return make
 
 
-def _sqlite_case(request: pytest.FixtureRequest) -> BrokerMaker:
+def _sqlite_case(request: pytest.FixtureRequest, inline: bool = True) -> BrokerMaker:
     path = request.getfixturevalue("tmp_path") / "broker.db"
 
     def make(**options: Any) -> Broker:
         # "Wall" time from the loop, so leases and delays follow the virtual clock.
         options.setdefault("time", default_clock().now)
         options.setdefault("poll_interval", 0.05)
+        options.setdefault("inline", inline)
         return SqliteBroker(path, **options)
 
     return make
+
+
+def _sqlite_thread_case(request: pytest.FixtureRequest) -> BrokerMaker:
+    """Every statement on the broker's thread (the path taken when the file is busy)."""
+    return _sqlite_case(request, inline=False)
 
 
 def _redis_case(request: pytest.FixtureRequest) -> BrokerMaker:
@@ -96,6 +102,7 @@ class CaseSpec:
 BROKER_CASES: dict[str, CaseSpec] = {
     "memory": CaseSpec(_memory_case),
     "sqlite": CaseSpec(_sqlite_case),
+    "sqlite-thread": CaseSpec(_sqlite_thread_case),
     "sqlite-wall": CaseSpec(_sqlite_wall_case, real_time=True),
     "redis": CaseSpec(_redis_case, real_time=True),
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sqlite3
 import sys
@@ -335,7 +336,8 @@ async def test_cancelled_fetch_hands_its_claim_back(tmp_path: Path) -> None:
     """A fetch cancelled while its claim runs hands the claimed messages back, no attempt lost."""
     path = tmp_path / "jobs.db"
     wall = FakeWallTime()
-    async with SqliteBroker(path, time=wall, poll_interval=0.01) as broker:
+    # inline=False: an inline claim runs to its end before the fetch can be cancelled.
+    async with SqliteBroker(path, time=wall, poll_interval=0.01, inline=False) as broker:
         await broker.publish("jobs", numbered(3))
         task = asyncio.create_task(broker.fetch("jobs", 3, timeout=0, lease=30.0))
         await asyncio.sleep(0)  # the claim is now running on the broker's thread
@@ -377,24 +379,31 @@ async def test_concurrent_acks_commit_together(tmp_path: Path) -> None:
     assert rows(path, "SELECT count(*) FROM headrace_messages") == [(0,)]
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "thread"])
 @pytest.mark.parametrize("first_batch", [10, 20])
-async def test_ack_rides_on_the_next_claim(tmp_path: Path, first_batch: int) -> None:
+async def test_ack_rides_on_the_next_claim(tmp_path: Path, first_batch: int, inline: bool) -> None:
     """An ack issued as the next fetch starts commits in that claim's transaction (one
-    COMMIT for both), also when the claim finds nothing deliverable."""
+    COMMIT for both), also when the claim finds nothing deliverable; on the loop's
+    connection and on the thread's."""
     path = tmp_path / "jobs.db"
-    async with SqliteBroker(path) as broker:
+    async with SqliteBroker(path, inline=inline) as broker:
         await broker.publish("jobs", numbered(15))
         batch = await broker.fetch("jobs", first_batch, timeout=0, lease=30.0)
         assert len(batch) == min(first_batch, 15)
         statements: list[str] = []
-        conn = broker._store.conn
-        assert conn is not None
-        conn.set_trace_callback(statements.append)  # runs on the broker's thread
+        connections = [broker._store.conn]
+        if inline:
+            assert broker._inline_store is not None
+            connections.append(broker._inline_store.conn)
+        for conn in connections:
+            assert conn is not None
+            conn.set_trace_callback(statements.append)
         acked = asyncio.ensure_future(broker.ack(batch))
         await asyncio.sleep(0)  # the ack waits a tick for a claim to carry it
         rest = await broker.fetch("jobs", 10, timeout=0, lease=30.0)
         await acked
-        conn.set_trace_callback(None)
+        for conn in connections:
+            conn.set_trace_callback(None)
         assert [m.body for m in rest] == [str(n).encode() for n in range(len(batch), 15)]
         # Durable on return, and only one transaction committed both.
         ids = [int(m.id) for m in batch]
@@ -484,6 +493,74 @@ async def test_a_locked_file_never_blocks_the_loop(tmp_path: Path) -> None:
             ticker.cancel()
         # ~50 ticks at 10 ms in 0.5 s; a blocked loop would have managed none.
         assert ticks >= 10
+
+
+@pytest.mark.real_time
+async def test_a_locked_file_sends_fetch_and_ack_to_the_thread(tmp_path: Path) -> None:
+    """The loop's own connection never waits for a lock: while another connection holds
+    it, a fetch and an ack wait on the broker's thread instead, the loop keeps running,
+    and both complete (the ack durably) once the lock is released."""
+    path = tmp_path / "jobs.db"
+    async with SqliteBroker(path) as broker:
+        await broker.publish("jobs", numbered(6))
+        first = await broker.fetch("jobs", 3, timeout=0, lease=30.0)  # inline: lock free
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        async with asyncio.TaskGroup() as group:
+            ticker = group.create_task(tick())
+            ack = group.create_task(broker.ack(first))
+            fetch = group.create_task(broker.fetch("jobs", 3, timeout=5.0, lease=30.0))
+            await asyncio.sleep(0.5)
+            assert not ack.done()
+            assert not fetch.done()
+            blocker.execute("COMMIT")
+            blocker.close()
+            second = await fetch
+            await ack
+            ticker.cancel()
+        assert ticks >= 10  # ~50 at 10 ms in 0.5 s; a blocked loop would have managed none
+        assert [m.body for m in second] == [b"3", b"4", b"5"]
+        assert rows(path, "SELECT count(*) FROM headrace_messages") == [(3,)]
+        await broker.ack(second)
+
+
+async def test_inline_writes_ask_the_thread_for_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's connection never checkpoints (that copies the WAL back and fsyncs);
+    past the WAL size threshold it asks the broker's thread to, so the WAL stays small."""
+    from headrace.messaging.brokers import sqlite as sqlite_module
+
+    monkeypatch.setattr(sqlite_module, "_CHECKPOINT_WAL_BYTES", 64 << 10)
+    path = tmp_path / "jobs.db"
+    async with SqliteBroker(path) as broker:
+        checkpoints = 0
+        checkpoint = broker._checkpoint_sync
+
+        def counting_checkpoint() -> None:
+            nonlocal checkpoints
+            checkpoints += 1
+            checkpoint()
+
+        broker._checkpoint_sync = counting_checkpoint  # type: ignore[method-assign]
+        await broker.publish("jobs", numbered(3000))
+        largest_wal = 0
+        while batch := await broker.fetch("jobs", 10, timeout=0, lease=30.0):
+            await broker.ack(batch)
+            await asyncio.sleep(0)  # let a requested checkpoint's job finish
+            largest_wal = max(largest_wal, os.stat(f"{path}-wal").st_size)
+        assert checkpoints >= 2
+        # Hundreds of commits of several pages each: without checkpoints the WAL would
+        # grow past 4 MiB; with them it restarts from its head.
+        assert largest_wal < 2 << 20
 
 
 async def test_busy_timeout_is_a_broker_error(tmp_path: Path) -> None:

@@ -40,6 +40,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _flag(text: str, name: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} takes 1/0, true/false, yes/no or on/off")
+
+
 _MEMORY_OPTIONS: Mapping[str, Callable[[str], Any]] = {
     "max_deliveries": _int_or_none,
     "lease": _seconds,
@@ -50,6 +59,7 @@ _SQLITE_OPTIONS: Mapping[str, Callable[[str], Any]] = {
     "poll_interval": _seconds,
     "busy_timeout": _seconds,
     "synchronous": str,
+    "inline": lambda text: _flag(text, "inline"),
 }
 
 

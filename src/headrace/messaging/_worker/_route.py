@@ -145,6 +145,7 @@ class Route:
         self.ack_interval = ack_interval
         self.settle_timeout = settle_timeout
         self.capacity = spec.concurrency + spec.prefetch
+        self.fetch_batch = min(self.capacity, max(spec.concurrency, ack_batch))
         self.buffer: deque[Message] = deque()
         self.in_flight: dict[int, Message] = {}
         self.to_ack: list[Message] = []
@@ -202,7 +203,10 @@ class Route:
         failures = 0
         while not self.stopping:
             free = self.capacity - self.held
-            if free <= 0:
+            # Wait for room unless a whole batch fits, or the handlers have nothing
+            # left to start: with room for two batches, the next claim runs while the
+            # handlers work through the last one.
+            if free <= 0 or (free < self.fetch_batch and self.buffer):
                 self._space.clear()
                 self._fetcher_waiting = True
                 try:
@@ -215,7 +219,10 @@ class Route:
                 continue
             try:
                 messages = await self.broker.fetch(
-                    self.spec.topic, free, timeout=self.fetch_timeout, lease=self.lease
+                    self.spec.topic,
+                    min(free, self.fetch_batch),
+                    timeout=self.fetch_timeout,
+                    lease=self.lease,
                 )
             except ConfigurationError:
                 # The broker refuses our settings (a lease over its max_lease...): no

@@ -102,24 +102,44 @@ class SqliteStore:
     """
 
     def __init__(
-        self, path: str, *, busy_timeout: float, synchronous: str, max_deliveries: int | None
+        self,
+        path: str,
+        *,
+        busy_timeout: float,
+        synchronous: str,
+        max_deliveries: int | None,
+        inline: bool = False,
     ) -> None:
         self.path = path
         self.conn: sqlite3.Connection | None = None
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
         self._max_deliveries = max_deliveries
+        self._inline = inline
 
     def open(self) -> None:
-        """Open the file in WAL mode and create the schema if missing (idempotent)."""
+        """Open the file in WAL mode and create the schema if missing (idempotent).
+
+        An ``inline`` store (the event loop's own connection, see :mod:`.sqlite`) opens
+        a file the thread's store already set up: no schema work, and no automatic
+        checkpoint, which would copy the WAL back and fsync on the loop's thread."""
         if self.conn is not None:
             return
         conn = sqlite3.connect(
             self.path,
             timeout=self._busy_timeout,
             isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
-            check_same_thread=False,  # only the broker's thread uses it; __del__ closes it
+            check_same_thread=False,  # one thread at a time, under the broker's discipline
         )
+        if self._inline:
+            try:
+                conn.execute(f"PRAGMA synchronous={self._synchronous}")
+                conn.execute("PRAGMA wal_autocheckpoint=0")
+            except BaseException:
+                conn.close()
+                raise
+            self.conn = conn
+            return
         try:
             conn.execute("PRAGMA journal_mode=WAL").fetchone()
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
@@ -158,10 +178,13 @@ class SqliteStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # Also when COMMIT itself failed (busy, I/O): never leave the connection
+            # inside a transaction that holds the write lock.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     # -- publishing ---------------------------------------------------------------------
 
@@ -267,15 +290,16 @@ class SqliteStore:
             acked = take_acks(True)
             if acked:
                 self._delete(conn, acked)
+        # Positional arguments: the claim builds one Message per row (hot path).
         return [
             Message(
-                id=str(id),
-                topic=topic,
-                body=body,
-                headers=_decode_headers(headers) if headers else {},
-                attempt=attempt,
-                key=key,
-                receipt=token,
+                str(id),
+                topic,
+                body,
+                _decode_headers(headers) if headers else {},
+                attempt,
+                key,
+                token,
             )
             for id, body, headers, key, attempt in rows
         ]
