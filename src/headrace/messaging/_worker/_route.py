@@ -182,13 +182,20 @@ class Route:
         key = id(message)
         self.in_flight.pop(key, None)
         self.lease_until.pop(key, None)
-        # Only wake the fetch loop when it waits for room (this runs once per message;
-        # the acker records activity, so no clock read here either).
+        # Only wake the fetch loop when it waits for room, once (this runs once per
+        # message; the acker records activity, so no clock read here either).
         if self._fetcher_waiting:
+            self._fetcher_waiting = False
             self._space.set()
 
     def _settle_ack(self, message: Message) -> None:
-        self._release(message)
+        # _release written out: this runs once per handled message.
+        key = id(message)
+        self.in_flight.pop(key, None)
+        self.lease_until.pop(key, None)
+        if self._fetcher_waiting:
+            self._fetcher_waiting = False
+            self._space.set()
         self.to_ack.append(message)
         self.counters.handled += 1
         if len(self.to_ack) == 1:
@@ -246,8 +253,9 @@ class Route:
             now = self.clock.now()
             self.last_activity = now
             until = now + self.lease
+            lease_until = self.lease_until
             for message in messages:
-                self.lease_until[id(message)] = until
+                lease_until[id(message)] = until
             self.counters.fetched += len(messages)
             self.buffer.extend(messages)
             self._dispatch()
@@ -333,13 +341,39 @@ class Route:
             self._waking = False
 
     async def slot(self) -> None:
-        """One handler slot: take a message, handle it, settle it; repeat."""
+        """One handler slot: take a message, handle it, settle it; repeat.
+
+        The common case (a message already buffered, a handler with no timeout, rate
+        limit or idempotency store) is written out here rather than through
+        :meth:`_next` and :meth:`_process`: it runs once per message, and the two
+        coroutine calls it saves were a tenth of the worker's cost per message (B4)."""
+        buffer = self.buffer
+        in_flight = self.in_flight
+        spec = self.spec
+        fn = spec.fn
+        limit = spec.max_message_bytes
+        plain = spec.timeout is None and spec.rate_limit is None and spec.idempotency is None
         while True:
-            message = await self._next()
-            if message is None:
-                return
+            if buffer and not self.stopping:
+                message = buffer.popleft()
+                in_flight[id(message)] = message
+                if buffer and self._idle_slots and not self._waking:
+                    self._dispatch()  # more waiting: wake one idle slot (see _dispatch)
+            else:
+                next_message = await self._next()
+                if next_message is None:
+                    return
+                message = next_message
             try:
-                await self._process(message)
+                if plain and (limit is None or len(message.body) <= limit):
+                    try:
+                        await fn(message)
+                    except Exception as exc:
+                        await self._failed(message, exc)
+                    else:
+                        self._settle_ack(message)
+                else:
+                    await self._process(message)
             except asyncio.CancelledError:
                 raise
             except Exception:
