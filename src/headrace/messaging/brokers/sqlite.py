@@ -185,12 +185,13 @@ class SqliteBroker:
     crashes (WAL journal), and lets several worker processes consume one topic without
     ever holding the same message at once. Use :class:`MemoryBroker` for tests that need
     no durability, and Redis (or another server broker) when consumers run on several
-    machines. Measured here (2 busy shared cores, ``benchmarks/sqlite_broker.py
-    --quick``): batched publish about 250k msgs/s; fetch(100) + ack about 200k msgs/s
-    per process, about half a hand-written delete-in-transaction loop: the price of a
-    lease that survives a crash and lets other processes consume meanwhile. The
-    :class:`~headrace.messaging.Worker` on it runs at 0.77x a hand-written sqlite3
-    worker loop at concurrency 100 (``benchmarks/worker.py``, B4).
+    machines. Measured here (2 busy shared cores): ``benchmarks/sqlite_broker.py
+    --quick``, fetch(100) + ack about 90k msgs/s per process, about half a hand-written
+    delete-in-transaction loop on a bare table (the price of a lease that survives a
+    crash and lets other processes consume meanwhile); ``benchmarks/worker.py`` (B4,
+    7 interleaved rounds), the :class:`~headrace.messaging.Worker` on it at 1.16x a
+    hand-written sqlite3 worker loop at concurrency 16, because it needs no task per
+    message.
 
     ``path`` is the database file (created if missing; ``":memory:"`` for a private,
     non-durable one). ``max_deliveries`` (default 20, ``None`` for no cap)
