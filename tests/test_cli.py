@@ -143,3 +143,29 @@ def test_ctrl_c_stops_the_worker_cleanly(app: Path, url: str) -> None:
     assert "handed back 1" in err
     [message] = stored(url)
     assert (message.body, message.attempt) == (b"slow", 1)
+
+
+def test_stats_counts_each_topic(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`headrace stats` prints ready / delayed / in-flight / dead counts per topic, as a
+    table or one JSON object per topic."""
+    assert main(["publish", "jobs", "a", "b", "c", "--broker", url]) == 0
+    assert main(["publish", "emails", "x", "--broker", url]) == 0
+
+    async def lease_one() -> None:
+        async with SqliteBroker(url.removeprefix("sqlite:///")) as broker:
+            [message] = await broker.fetch("jobs", 1, timeout=0, lease=600)
+            await broker.dead_letter(message, {"code": "bad"})
+            await broker.fetch("jobs", 1, timeout=0, lease=600)  # stays leased
+
+    asyncio.run(lease_one())
+    capsys.readouterr()
+    assert main(["stats", "jobs", "emails", "--broker", url, "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert records == [
+        {"topic": "jobs", "ready": 1, "delayed": 0, "in_flight": 1, "dead_letters": 1},
+        {"topic": "emails", "ready": 1, "delayed": 0, "in_flight": 0, "dead_letters": 0},
+    ]
+    assert main(["stats", "jobs", "--broker", url]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["topic", "ready", "delayed", "in", "flight", "dead"]
+    assert row.split() == ["jobs", "1", "0", "1", "1"]

@@ -95,6 +95,7 @@ EXPECTED_MESSAGING = {
     "RedisIdempotencyStore",
     "SqliteBroker",
     "SqliteIdempotencyStore",
+    "TopicStats",
     "Worker",
     "WorkerStatistics",
     "open_broker",

@@ -1,4 +1,4 @@
-"""The ``headrace`` command: run a worker, publish messages, inspect the dead-letter queue.
+"""The ``headrace`` command: run a worker, publish messages, inspect queues and dead letters.
 
 ::
 
@@ -8,6 +8,7 @@
     echo '{"id": 3}' | headrace publish orders --stdin
     headrace dlq list orders --limit 20 [--json]
     headrace dlq replay orders [--id 17 --id 18]
+    headrace stats orders emails [--json] [--watch 2]
 
 The broker URL comes from ``--broker`` or the ``HEADRACE_BROKER_URL`` environment
 variable. Exit status: 0 on success and on a clean stop by signal, 1 when an operation
@@ -164,6 +165,47 @@ async def _dlq(arguments: argparse.Namespace) -> int:
     return 0
 
 
+async def _stats(arguments: argparse.Namespace) -> int:
+    import msgspec
+
+    from .messaging._url import open_broker
+
+    url = _broker_url(arguments)
+    assert url is not None
+    broker = open_broker(url)
+    await broker.connect()
+    try:
+        while True:
+            snapshot = [await broker.topic_stats(topic) for topic in arguments.topic]
+            if arguments.json:
+                for stats in snapshot:
+                    record = {
+                        "topic": stats.topic,
+                        "ready": stats.ready,
+                        "delayed": stats.delayed,
+                        "in_flight": stats.in_flight,
+                        "dead_letters": stats.dead_letters,
+                    }
+                    print(msgspec.json.encode(record).decode(), flush=True)
+            else:
+                width = max(5, *(len(topic) for topic in arguments.topic))
+                print(
+                    f"{'topic':<{width}}  {'ready':>10}  {'delayed':>10}  {'in flight':>10}  "
+                    f"{'dead':>10}"
+                )
+                for stats in snapshot:
+                    print(
+                        f"{stats.topic:<{width}}  {stats.ready:>10,}  {stats.delayed:>10,}  "
+                        f"{stats.in_flight:>10,}  {stats.dead_letters:>10,}",
+                        flush=True,
+                    )
+            if arguments.watch is None:
+                return 0
+            await asyncio.sleep(arguments.watch)
+    finally:
+        await broker.close()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="headrace", description="Run message workers and inspect their queues."
@@ -205,6 +247,16 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("topic")
     replay.add_argument("--id", action="append", help="only these message ids")
     replay.add_argument("--broker")
+
+    stats = commands.add_parser(
+        "stats", help="count ready, delayed, in-flight and dead-lettered messages per topic"
+    )
+    stats.add_argument("topic", nargs="+")
+    stats.add_argument("--json", action="store_true", help="one JSON object per topic and line")
+    stats.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="print again every SECONDS until Ctrl-C"
+    )
+    stats.add_argument("--broker")
     return parser
 
 
@@ -216,7 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=arguments.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    runner = {"worker": _run_worker, "publish": _publish, "dlq": _dlq}[arguments.command]
+    runner = {"worker": _run_worker, "publish": _publish, "dlq": _dlq, "stats": _stats}[
+        arguments.command
+    ]
     try:
         return asyncio.run(runner(arguments))
     except HeadraceError as error:

@@ -10,6 +10,7 @@ from ._broker import BrokerCapabilities as BrokerCapabilities
 from ._broker import DeadLetter as DeadLetter
 from ._broker import Message as Message
 from ._broker import OutgoingMessage as OutgoingMessage
+from ._broker import TopicStats as TopicStats
 from ._idempotency import IdempotencyStore as IdempotencyStore
 from ._idempotency import IdempotentTransaction as IdempotentTransaction
 from ._idempotency import MemoryIdempotencyStore as MemoryIdempotencyStore
@@ -42,6 +43,7 @@ __all__ = [
     "RedisIdempotencyStore",
     "SqliteBroker",
     "SqliteIdempotencyStore",
+    "TopicStats",
     "Worker",
     "WorkerStatistics",
     "open_broker",

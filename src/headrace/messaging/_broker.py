@@ -51,6 +51,7 @@ __all__ = [
     "DeadLetter",
     "Message",
     "OutgoingMessage",
+    "TopicStats",
 ]
 
 
@@ -101,6 +102,30 @@ class DeadLetter:
     message: Message
     error: Mapping[str, Any]
     dead_lettered_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TopicStats:
+    """How many messages of one topic are where, at one moment (``headrace stats``).
+
+    ``ready``: deliverable now, including messages whose lease expired (the next fetch
+    takes them again); ``delayed``: held back by a retry or publish delay;
+    ``in_flight``: leased to a consumer (fetched, not yet acked, nacked or handed back);
+    ``dead_letters``: in the topic's dead-letter store. An adapter that cannot tell an
+    expired lease from a live one without reading every delivery (Redis) counts both as
+    in flight; its docstring says so.
+    """
+
+    topic: str
+    ready: int
+    delayed: int
+    in_flight: int
+    dead_letters: int
+
+    @property
+    def stored(self) -> int:
+        """Messages not yet settled: ready, delayed and in flight."""
+        return self.ready + self.delayed + self.in_flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,4 +183,8 @@ class Broker(Protocol):
 
     async def replay_dead_letters(self, topic: str, ids: Sequence[str] | None = None) -> int:
         """Publish dead letters again (all of the topic's, or those ``ids``); return count."""
+        ...
+
+    async def topic_stats(self, topic: str) -> TopicStats:
+        """Counts of the topic's ready, delayed, in-flight and dead-lettered messages."""
         ...

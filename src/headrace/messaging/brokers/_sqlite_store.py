@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from ..._errors import BrokerError
-from .._broker import DeadLetter, Message
+from .._broker import DeadLetter, Message, TopicStats
 from . import max_deliveries_record
 
 __all__ = ["SqliteStore", "encode_headers", "new_token"]
@@ -407,6 +407,26 @@ class SqliteStore:
             )
             for message_id, body, headers, key, attempt, error, dead_lettered_at in rows
         ]
+
+    def topic_stats(self, topic: str, now: float) -> TopicStats:
+        """Ready / delayed / leased / dead-lettered counts, read in one snapshot."""
+        conn = self.conn
+        assert conn is not None, "used before open()"
+        conn.execute("BEGIN")  # a read transaction: both counts from one snapshot
+        try:
+            ready, delayed, leased = conn.execute(
+                "SELECT count(*) FILTER (WHERE lease_until <= ?1 AND ready_at <= ?1), "
+                "count(*) FILTER (WHERE lease_until <= ?1 AND ready_at > ?1), "
+                "count(*) FILTER (WHERE lease_until > ?1) "
+                "FROM headrace_messages WHERE topic = ?2",
+                (now, topic),
+            ).fetchone()
+            (dead,) = conn.execute(
+                "SELECT count(*) FROM headrace_dead_letters WHERE topic = ?", (topic,)
+            ).fetchone()
+        finally:
+            conn.execute("COMMIT")
+        return TopicStats(topic, ready, delayed, leased, dead)
 
     def replay(self, topic: str, ids: list[str] | None, now: float) -> int:
         """Re-insert dead letters (all, or those message ids) as new messages; count."""

@@ -20,7 +20,7 @@ import msgspec
 
 from ..._clock import Clock, TimerHandle, default_clock
 from ..._errors import ClosedResourceError, ConfigurationError
-from .._broker import BrokerCapabilities, DeadLetter, Message, OutgoingMessage
+from .._broker import BrokerCapabilities, DeadLetter, Message, OutgoingMessage, TopicStats
 from . import (
     check_error_record,
     check_fetch_arguments,
@@ -443,6 +443,29 @@ class MemoryBroker:
         if queue is None:
             return []
         return list(reversed(queue.dead[-limit:]))
+
+    async def topic_stats(self, topic: str) -> TopicStats:
+        """Counts of the topic's ready, delayed, in-flight and dead-lettered messages."""
+        self._check_open("topic_stats")
+        check_topic(topic)
+        queue = self._store.topics.get(topic)
+        if queue is None:
+            return TopicStats(topic, 0, 0, 0, 0)
+        now = self._clock.now()
+        leased = {
+            id
+            for until, version, id in queue.leases
+            if until > now and queue.live(version, id) is not None
+        }
+        ready = delayed = in_flight = 0
+        for record in queue.records.values():
+            if record.lease_token is not None and record.id in leased:
+                in_flight += 1
+            elif record.ready_at > now:
+                delayed += 1
+            else:
+                ready += 1
+        return TopicStats(topic, ready, delayed, in_flight, len(queue.dead))
 
     async def replay_dead_letters(self, topic: str, ids: Sequence[str] | None = None) -> int:
         """Publish dead letters of ``topic`` again as new messages (attempt 1, same body,

@@ -66,7 +66,7 @@ from ..._errors import (
     HeadraceError,
     translate_errors,
 )
-from .._broker import BrokerCapabilities, DeadLetter, Message, OutgoingMessage
+from .._broker import BrokerCapabilities, DeadLetter, Message, OutgoingMessage, TopicStats
 from . import (
     check_error_record,
     check_fetch_arguments,
@@ -873,6 +873,12 @@ class SqliteBroker:
                 f"dead_letters(limit={limit!r}) must be an integer >= 1", code="invalid_limit"
             )
         return await self._call("dead_letters", self._store.dead_letters, topic, limit)
+
+    async def topic_stats(self, topic: str) -> TopicStats:
+        """Counts of the topic's ready, delayed, in-flight and dead-lettered messages."""
+        self._check_open("topic_stats")
+        check_topic(topic)
+        return await self._call("topic_stats", self._store.topic_stats, topic, self._wall())
 
     async def replay_dead_letters(self, topic: str, ids: Sequence[str] | None = None) -> int:
         """Publish dead letters of ``topic`` again as new messages (attempt 1, same body,
