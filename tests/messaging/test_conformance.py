@@ -13,7 +13,7 @@ import asyncio
 import pytest
 
 from headrace import Clock, ClosedResourceError, ConfigurationError, HeadraceError
-from headrace.messaging import Broker, Message, OutgoingMessage
+from headrace.messaging import Broker, Message, OutgoingMessage, TopicStats
 
 from .conftest import BrokerCase
 
@@ -483,3 +483,25 @@ async def test_publish_rejects_non_bytes_body(broker_case: BrokerCase) -> None:
         with pytest.raises(InvalidMessage, match="bytes"):
             await broker.publish("jobs", [OutgoingMessage("text")])  # type: ignore[arg-type]
         assert await broker.fetch("jobs", 1, timeout=0, lease=1.0) == []
+
+
+async def test_topic_stats_count_where_messages_are(broker_case: BrokerCase) -> None:
+    """topic_stats counts ready, delayed (publish delay and delayed nack), in-flight and
+    dead-lettered messages, per topic; an unknown topic is all zeros."""
+    async with broker_case.open() as broker:
+        assert await broker.topic_stats("jobs") == TopicStats("jobs", 0, 0, 0, 0)
+        await broker.publish("jobs", numbered(4))
+        await broker.publish("jobs", out(b"later", delay=60.0))
+        await broker.publish("other", numbered(2))
+        fetched = await fetch_all(broker, "jobs", 3)
+        assert len(fetched) == 3
+        stats = await broker.topic_stats("jobs")
+        assert stats == TopicStats("jobs", ready=1, delayed=1, in_flight=3, dead_letters=0)
+        assert stats.stored == 5
+        await broker.nack([fetched[0]], delay=30.0)
+        await broker.dead_letter(fetched[1], {"code": "bad"})
+        stats = await broker.topic_stats("jobs")
+        assert stats == TopicStats("jobs", ready=1, delayed=2, in_flight=1, dead_letters=1)
+        assert await broker.topic_stats("other") == TopicStats("other", 2, 0, 0, 0)
+        await broker.ack([fetched[2]])
+        assert (await broker.topic_stats("jobs")).in_flight == 0

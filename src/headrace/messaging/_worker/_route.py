@@ -210,9 +210,10 @@ class Route:
         failures = 0
         while not self.stopping:
             free = self.capacity - self.held
-            # Wait for room unless a whole batch fits, or the handlers have nothing
-            # left to start: with room for two batches, the next claim runs while the
-            # handlers work through the last one.
+            # Wait for room unless a whole batch fits or the buffer ran dry (the slots
+            # would idle): a fetch per freed slot would cost a round trip per message.
+            # Every release re-checks (the slot that frees room also takes the next
+            # buffered message in the same step, so a dry buffer is seen at once).
             if free <= 0 or (free < self.fetch_batch and self.buffer):
                 self._space.clear()
                 self._fetcher_waiting = True

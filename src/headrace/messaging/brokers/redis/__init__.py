@@ -49,6 +49,17 @@ How the contract maps onto Redis (keys for topic ``jobs`` with the default prefi
   fetch moves it back to the end of the stream when it is due (Redis server time).
 * ``dead_letter`` moves the entry to the stream ``:dead`` with the JSON error record,
   atomically; ``replay_dead_letters`` adds them back as fresh messages (same id).
+* Lost connections (a restart, a dropped or idle-timed-out connection): redis-py
+  reconnects on the next command. Acks and the other settle commands, all safe to
+  repeat, are sent once more over a fresh connection when theirs turns out dead; a
+  fetch or publish that fails raises :class:`~headrace.BrokerConnectionError` for its
+  caller to retry (the worker backs off 0.1 s, 0.2 s, ... up to 5 s). Whatever the
+  server leased for a fetch whose reply was lost, or kept for an ack that failed,
+  is delivered again when its lease expires: late, never lost. A restarted server's
+  empty script cache is refilled by redis-py (``NOSCRIPT``). An idle fetch blocks for
+  at most half of redis-py's socket timeout per read, so a quiet topic is not taken
+  for a dead connection. R4 (``tests/messaging/test_reliability_reconnect.py``)
+  checks all of it with a real worker process.
 
 Standalone Redis or a Sentinel-managed primary (pass ``client=``); not Redis Cluster.
 One consumer group per stream: a delayed retry or a replay re-adds the entry, which a

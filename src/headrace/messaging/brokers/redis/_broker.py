@@ -9,6 +9,7 @@ extension, dead letters and their replay.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import secrets
 from collections.abc import Mapping, Sequence
@@ -339,7 +340,8 @@ class RedisBroker(_RedisConnection):
     async def _wait_for_news(
         self, topic: str, state: _TopicState, step: _Step, seconds: float
     ) -> None:
-        """Wait up to ``seconds`` for a new entry or a hand-back signal on ``topic``.
+        """Wait up to ``seconds`` for a new entry or a hand-back signal on ``topic``
+        (at most half the connections' read timeout: the fetch loop then waits again).
 
         A plain ``XREAD`` (not ``XREADGROUP``) claims nothing, so cancelling it, or
         closing the broker under it, can never strand a message in a pending list.
@@ -347,6 +349,11 @@ class RedisBroker(_RedisConnection):
         # Whatever ends the wait (a signal, a due retry, the reclaim time), the next
         # fetch looks everywhere.
         state.housekeeping = True
+        if self._read_timeout is not None:
+            # redis-py would take a longer block for a dead connection (TimeoutError,
+            # and the fetch fails): block for at most half the read timeout; the
+            # caller's fetch loop re-plans and waits again.
+            seconds = min(seconds, self._read_timeout / 2)
         if seconds > 0:
             block_ms = max(1, math.ceil(seconds * 1000))
             streams: dict[Any, Any] = {
@@ -401,18 +408,19 @@ class RedisBroker(_RedisConnection):
         with self._translated("ack"):
             if len(groups) == 1:
                 [(topic, batch)] = groups.items()
-                await self._client.xack(
-                    self._state(topic).keys.stream,
-                    self._group,
-                    *[message.receipt.entry_id for message in batch],
-                )
-                return
-            pipe = self._client.pipeline(transaction=False)
-            for topic, batch in groups.items():
                 stream = self._state(topic).keys.stream
                 entry_ids = [message.receipt.entry_id for message in batch]
-                pipe.execute_command("XACK", stream, self._group, *entry_ids)
-            await pipe.execute()
+                await self._repeatable(lambda: self._client.xack(stream, self._group, *entry_ids))
+                return
+            await self._repeatable(lambda: self._ack_pipelined(groups))
+
+    async def _ack_pipelined(self, groups: dict[str, list[Message]]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for topic, batch in groups.items():
+            stream = self._state(topic).keys.stream
+            entry_ids = [message.receipt.entry_id for message in batch]
+            pipe.execute_command("XACK", stream, self._group, *entry_ids)
+        await pipe.execute()
 
     async def nack(self, messages: Sequence[Message], *, delay: float = 0.0) -> None:
         """Return messages for a retry after ``delay`` seconds; counts an attempt.
@@ -448,9 +456,10 @@ class RedisBroker(_RedisConnection):
             args: list[Any] = [self._group, self._consumer, mode, delay_ms, horizon_ms]
             for message in batch:
                 args += [message.receipt.entry_id, message.receipt.deliveries]
+            script_keys = [keys.stream, keys.delayed, keys.returned, keys.signal]
             with self._translated("hand_back" if mode == "h" else "nack", topic):
-                await self._return_script(
-                    keys=[keys.stream, keys.delayed, keys.returned, keys.signal], args=args
+                await self._repeatable(
+                    functools.partial(self._return_script, keys=script_keys, args=args)
                 )
 
     async def extend_lease(self, messages: Sequence[Message], lease: float) -> None:
@@ -467,8 +476,11 @@ class RedisBroker(_RedisConnection):
             ]
             for message in batch:
                 args += [message.receipt.entry_id, message.receipt.deliveries]
+            script_keys = [self._state(topic).keys.stream]
             with self._translated("extend_lease", topic):
-                await self._extend_script(keys=[self._state(topic).keys.stream], args=args)
+                await self._repeatable(
+                    functools.partial(self._extend_script, keys=script_keys, args=args)
+                )
 
     async def dead_letter(self, message: Message, error: Mapping[str, Any]) -> None:
         """Move ``message`` to its topic's dead-letter stream with ``error``, atomically.
@@ -483,17 +495,19 @@ class RedisBroker(_RedisConnection):
     async def _dead_letter(self, message: Message, encoded: bytes) -> None:
         keys = self._state(message.topic).keys
         receipt: _Receipt = message.receipt
+        args: list[Any] = [
+            self._group,
+            self._consumer,
+            receipt.entry_id,
+            receipt.deliveries,
+            message.attempt,
+            encoded,
+        ]
         with self._translated("dead_letter", message.topic):
-            await self._dead_letter_script(
-                keys=[keys.stream, keys.dead],
-                args=[
-                    self._group,
-                    self._consumer,
-                    receipt.entry_id,
-                    receipt.deliveries,
-                    message.attempt,
-                    encoded,
-                ],
+            await self._repeatable(
+                functools.partial(
+                    self._dead_letter_script, keys=[keys.stream, keys.dead], args=args
+                )
             )
 
     # -- dead letters ----------------------------------------------------------------

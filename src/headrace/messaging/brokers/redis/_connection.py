@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import math
 import warnings
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -48,6 +49,8 @@ _ERRORS = {
     OSError: BrokerConnectionError,
     redis_errors.RedisError: BrokerError,
 }
+
+_T = TypeVar("_T")
 
 # Seconds a cancelled fetch may spend handing back what it had already leased.
 _CLEANUP_TIMEOUT = 5.0
@@ -125,6 +128,25 @@ class _TopicState:
         # The next fetch must run the full script: something may be waiting in the
         # returned or delayed sets (we returned messages, or a wait was cut short).
         self.housekeeping = True
+
+
+def _socket_timeout(client: aioredis.Redis) -> float | None:
+    """The read timeout of ``client``'s connections in seconds (``None``: none).
+
+    redis-py keeps it on the connection, with a default of its own (5 s in redis-py 6
+    and later, none before) when the URL or the caller did not set one: ask a
+    connection built the way the pool builds them (no I/O).
+    """
+    pool = client.connection_pool
+    try:
+        timeout = pool.connection_class(**pool.connection_kwargs).socket_timeout
+    except Exception:
+        # A pool whose connections need more than their kwargs (Sentinel's): use
+        # what was configured, if anything.
+        timeout = pool.connection_kwargs.get("socket_timeout")
+    if isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0:
+        return float(timeout)
+    return None
 
 
 class _RedisConnection:
@@ -219,6 +241,9 @@ class _RedisConnection:
                 code="invalid_configuration",
             )
         self._client: aioredis.Redis = client
+        # How long a reply may take before redis-py gives up on the connection: a
+        # blocking read must return well within it (see _wait_for_news).
+        self._read_timeout = _socket_timeout(client)
         self._fetch_script = client.register_script(scripts.FETCH)
         self._return_script = client.register_script(scripts.RETURN)
         self._dead_letter_script = client.register_script(scripts.DEAD_LETTER)
@@ -288,6 +313,30 @@ class _RedisConnection:
                 code="invalid_lease",
             )
         return lease
+
+    async def _repeatable(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``call``, a command that is safe to send twice (an ``XACK``; a settle
+        script, which checks the delivery it acts on); if its connection turns out
+        dead, send it once more on a fresh one.
+
+        A connection that Redis closed while it sat idle in redis-py's pool (a restart,
+        a proxy's idle timeout) fails the next command sent on it, with Redis up:
+        redis-py 8.1.0's asyncio pool skips its check for such connections when
+        maintenance notifications are on, its default with RESP3 (redis-py issue 4252).
+        An ack failed that way left its messages to be delivered again. The failed
+        connection goes back to the pool disconnected and is the next one handed out
+        (the pool is last-in first-out), so the second try connects afresh. Fetches
+        and publishes are not repeated here: their callers retry (a fetch or publish
+        repeated after a lost reply would lease or add a second batch).
+        """
+        try:
+            return await call()
+        except redis_errors.ConnectionError as exc:
+            # Only the plain one: not a refused password, a server still loading, a
+            # full pool.
+            if type(exc) is not redis_errors.ConnectionError or self._closed:
+                raise
+        return await call()
 
     def _translated(self, operation: str, topic: str | None = None) -> _Translated:
         return _Translated(self._url, operation, topic)
