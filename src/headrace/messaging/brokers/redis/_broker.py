@@ -19,7 +19,7 @@ import redis.exceptions as redis_errors
 
 from ...._cancel import shielded
 from ...._errors import BrokerError, ConfigurationError
-from ..._broker import DeadLetter, Message, OutgoingMessage
+from ..._broker import DeadLetter, Message, OutgoingMessage, TopicStats
 from .. import (
     check_error_record,
     check_fetch_arguments,
@@ -526,6 +526,56 @@ class RedisBroker(_RedisConnection):
         with self._translated("dead_letters", topic):
             entries = await self._client.xrevrange(keys.dead, "+", "-", count=limit)
         return [_dead_letter_of(topic, entry) for entry in entries or ()]
+
+    async def topic_stats(self, topic: str) -> TopicStats:
+        """Counts of the topic's ready, delayed, in-flight and dead-lettered messages.
+
+        ``in_flight`` is the group's pending entries, less those handed back: it also
+        counts deliveries whose lease expired and that the next fetch reclaims (Redis
+        keeps no expiry to compare with; the idle time is per entry). ``ready`` is the
+        group's lag (entries not yet delivered) plus the handed-back ones; when Redis
+        cannot tell the lag (deletions in the stream), the undelivered entries are
+        counted by reading their ids."""
+        self._check_open("topic_stats")
+        check_topic(topic)
+        keys = self._state(topic).keys
+        with self._translated("topic_stats", topic):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.exists(keys.stream)
+            pipe.zcard(keys.delayed)
+            pipe.zcard(keys.returned)
+            pipe.xlen(keys.dead)
+            exists, delayed, returned, dead = await pipe.execute()
+            pending = 0
+            lag: int | None = 0
+            last_delivered = "0-0"
+            if exists:
+                groups = await self._client.xinfo_groups(keys.stream)
+                for group in groups:
+                    name = group["name"]
+                    if (name.decode() if isinstance(name, bytes) else name) == self._group:
+                        pending = int(group["pending"])
+                        lag = None if group.get("lag") is None else int(group["lag"])
+                        raw = group["last-delivered-id"]
+                        last_delivered = raw.decode() if isinstance(raw, bytes) else raw
+                        break
+                else:  # no group yet: nothing was delivered
+                    lag = await self._client.xlen(keys.stream)
+            if lag is None:
+                lag = 0
+                start = "(" + last_delivered
+                while entries := await self._client.xrange(keys.stream, start, "+", count=10_000):
+                    lag += len(entries)
+                    raw_id = entries[-1][0]
+                    start = "(" + (raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id))
+        handed_back = min(int(returned), pending)
+        return TopicStats(
+            topic,
+            ready=lag + handed_back,
+            delayed=int(delayed),
+            in_flight=pending - handed_back,
+            dead_letters=int(dead),
+        )
 
     async def replay_dead_letters(self, topic: str, ids: Sequence[str] | None = None) -> int:
         """Add dead letters of ``topic`` back to its stream as new messages (attempt 1,
