@@ -145,6 +145,12 @@ _AckOutcome = tuple[list["asyncio.Future[None]"], BaseException | None]
 _ClaimOutcome = tuple[list[Message], float | None, list["asyncio.Future[None]"]]
 
 
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """Another connection holds the lock we need (SQLITE_BUSY / SQLITE_LOCKED)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def _settle(acks: list[asyncio.Future[None]], error: BaseException | None) -> None:
     for done in acks:
         if done.done():
@@ -435,10 +441,19 @@ class SqliteBroker:
             return False, None
         try:
             return True, fn(store, *args)
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                return False, None
-            raise
+        except sqlite3.Error as exc:
+            if not _is_busy(exc):
+                # Not a lock: this connection may be what is broken. The thread's
+                # connection takes over for good, and reports the error if it is real.
+                logger.warning(
+                    "SQLite broker %r: the event loop's connection failed (%s); "
+                    "using the broker's thread only",
+                    self._path,
+                    exc,
+                )
+                self._inline_store = None
+                store.close()
+            return False, None
         finally:
             self._inline_lock.release()
 
@@ -571,14 +586,9 @@ class SqliteBroker:
             await self.connect()
         token = new_token()
         abandon = _Abandon()
-        with translate_errors(
-            _ERRORS,
-            message=lambda exc: f"SQLite fetch() on {self._path!r} failed: {exc}",
-            context={"operation": "fetch", "path": self._path, "topic": topic},
-        ):
-            ran, outcome = self._run_inline(
-                self._claim_on, topic, limit, now, now + lease, token, abandon, False
-            )
+        ran, outcome = self._run_inline(
+            self._claim_on, topic, limit, now, now + lease, token, abandon, False
+        )
         if ran:
             assert outcome is not None
             messages, due, acks = outcome
@@ -751,12 +761,7 @@ class SqliteBroker:
         with self._lock:
             if self._flush_queued or not self._pending_acks or self._claims_armed > 0:
                 return
-        with translate_errors(
-            _ERRORS,
-            message=lambda exc: f"SQLite ack() on {self._path!r} failed: {exc}",
-            context={"operation": "ack", "path": self._path},
-        ):
-            ran, outcome = self._run_inline(self._flush_on)
+        ran, outcome = self._run_inline(self._flush_on)
         if ran:
             assert outcome is not None
             _settle(*outcome)
@@ -784,21 +789,18 @@ class SqliteBroker:
         return ids, acks
 
     def _flush_on(self, store: SqliteStore) -> _AckOutcome:
-        """Delete the pending acks inline; busy: put them back and let the thread do it."""
+        """Delete the pending acks inline; on failure put them back for the thread."""
         ids, acks = self._take_acks()
         if not ids:
             return acks, None
         try:
             store.delete(ids)
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                with self._lock:
-                    self._pending_ids[:0] = ids
-                    self._pending_acks[:0] = acks
-                raise
-            return acks, exc
-        except Exception as exc:
-            return acks, exc
+        except sqlite3.Error:
+            # Back in the queue for the thread's flush job (see _run_inline).
+            with self._lock:
+                self._pending_ids[:0] = ids
+                self._pending_acks[:0] = acks
+            raise
         return acks, None
 
     def _flush_acks_sync(self) -> _AckOutcome:
