@@ -24,11 +24,15 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import ConfigurationError, HeadraceError, redact
+
+if TYPE_CHECKING:
+    from .messaging import Broker
 
 __all__ = ["load_worker", "main"]
 
@@ -125,9 +129,8 @@ async def _publish(arguments: argparse.Namespace) -> int:
     return 1 if report.failures else 0
 
 
-async def _dlq(arguments: argparse.Namespace) -> int:
-    import msgspec
-
+@asynccontextmanager
+async def _connected_broker(arguments: argparse.Namespace) -> AsyncIterator[Broker]:
     from .messaging._url import open_broker
 
     url = _broker_url(arguments)
@@ -135,6 +138,15 @@ async def _dlq(arguments: argparse.Namespace) -> int:
     broker = open_broker(url)
     await broker.connect()
     try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+async def _dlq(arguments: argparse.Namespace) -> int:
+    import msgspec
+
+    async with _connected_broker(arguments) as broker:
         if arguments.dlq_command == "list":
             letters = await broker.dead_letters(arguments.topic, limit=arguments.limit)
             for letter in letters:
@@ -160,21 +172,13 @@ async def _dlq(arguments: argparse.Namespace) -> int:
         else:
             count = await broker.replay_dead_letters(arguments.topic, arguments.id or None)
             print(f"replayed {count} dead letter(s) to {arguments.topic!r}", file=sys.stderr)
-    finally:
-        await broker.close()
     return 0
 
 
 async def _stats(arguments: argparse.Namespace) -> int:
     import msgspec
 
-    from .messaging._url import open_broker
-
-    url = _broker_url(arguments)
-    assert url is not None
-    broker = open_broker(url)
-    await broker.connect()
-    try:
+    async with _connected_broker(arguments) as broker:
         while True:
             snapshot = [await broker.topic_stats(topic) for topic in arguments.topic]
             if arguments.json:
@@ -202,8 +206,6 @@ async def _stats(arguments: argparse.Namespace) -> int:
             if arguments.watch is None:
                 return 0
             await asyncio.sleep(arguments.watch)
-    finally:
-        await broker.close()
 
 
 def _parser() -> argparse.ArgumentParser:

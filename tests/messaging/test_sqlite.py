@@ -10,7 +10,7 @@ import sqlite3
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -465,6 +465,33 @@ async def test_cancelled_fetch_then_close_loses_no_lease(tmp_path: Path, yields:
     assert [(m.body, m.attempt) for m in got] == [(b"0", 1), (b"1", 1), (b"2", 1)]
 
 
+async def _while_locked(path: Path, *operations: Coroutine[Any, Any, Any]) -> tuple[list[Any], int]:
+    """Run ``operations`` while another connection holds the write lock for 0.5 s; return
+    their results and how many 10 ms ticks the event loop managed meanwhile."""
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            ticker = group.create_task(tick())
+            tasks = [group.create_task(operation) for operation in operations]
+            await asyncio.sleep(0.5)
+            assert not any(task.done() for task in tasks)
+            blocker.execute("COMMIT")
+            results = [await task for task in tasks]
+            ticker.cancel()
+    finally:
+        blocker.close()
+    return results, ticks
+
+
 @pytest.mark.real_time
 async def test_a_locked_file_never_blocks_the_loop(tmp_path: Path) -> None:
     """While another connection holds the write lock, publish waits on the broker's
@@ -472,25 +499,8 @@ async def test_a_locked_file_never_blocks_the_loop(tmp_path: Path) -> None:
     path = tmp_path / "jobs.db"
     async with SqliteBroker(path) as broker:
         await broker.fetch("jobs", 1, timeout=0, lease=1.0)  # schema in place
-        blocker = sqlite3.connect(path, isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        async with asyncio.TaskGroup() as group:
-            ticker = group.create_task(tick())
-            publish = group.create_task(broker.publish("jobs", numbered(1)))
-            await asyncio.sleep(0.5)
-            assert not publish.done()
-            blocker.execute("COMMIT")
-            blocker.close()
-            await publish
-            ticker.cancel()
+        [ids], ticks = await _while_locked(path, broker.publish("jobs", numbered(1)))
+        assert len(ids) == 1
         # ~50 ticks at 10 ms in 0.5 s; a blocked loop would have managed none.
         assert ticks >= 10
 
@@ -504,28 +514,11 @@ async def test_a_locked_file_sends_fetch_and_ack_to_the_thread(tmp_path: Path) -
     async with SqliteBroker(path) as broker:
         await broker.publish("jobs", numbered(6))
         first = await broker.fetch("jobs", 3, timeout=0, lease=30.0)  # inline: lock free
-        blocker = sqlite3.connect(path, isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        async with asyncio.TaskGroup() as group:
-            ticker = group.create_task(tick())
-            ack = group.create_task(broker.ack(first))
-            fetch = group.create_task(broker.fetch("jobs", 3, timeout=5.0, lease=30.0))
-            await asyncio.sleep(0.5)
-            assert not ack.done()
-            assert not fetch.done()
-            blocker.execute("COMMIT")
-            blocker.close()
-            second = await fetch
-            await ack
-            ticker.cancel()
+        [_, second], ticks = await _while_locked(
+            path,
+            broker.ack(first),
+            broker.fetch("jobs", 3, timeout=5.0, lease=30.0),
+        )
         assert ticks >= 10  # ~50 at 10 ms in 0.5 s; a blocked loop would have managed none
         assert [m.body for m in second] == [b"3", b"4", b"5"]
         assert rows(path, "SELECT count(*) FROM headrace_messages") == [(3,)]

@@ -189,13 +189,8 @@ class Route:
             self._space.set()
 
     def _settle_ack(self, message: Message) -> None:
-        # _release written out: this runs once per handled message.
-        key = id(message)
-        self.in_flight.pop(key, None)
-        self.lease_until.pop(key, None)
-        if self._fetcher_waiting:
-            self._fetcher_waiting = False
-            self._space.set()
+        # slot() writes this out for its common path; keep the two in step.
+        self._release(message)
         self.to_ack.append(message)
         self.counters.handled += 1
         if len(self.to_ack) == 1:
