@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 from collections.abc import Sequence
@@ -594,3 +595,94 @@ async def test_broker_refusing_the_settings_stops_the_worker_with_the_error(
 
     with pytest.raises(ConfigurationError, match="max_lease"):
         await worker.run(handle_signals=False)
+
+
+class FlakyAckBroker(SpyBroker):
+    """A real MemoryBroker whose acks fail (a broker away) until ``ack_ok_from``; with
+    ``hang``, they and hand-backs never answer instead (a blackholed connection)."""
+
+    def __init__(self, *args: Any, ack_ok_from: float, hang: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ack_ok_from = ack_ok_from
+        self.hang = hang
+        self.ack_tries: list[float] = []
+
+    async def ack(self, messages: Sequence[Message]) -> None:
+        now = asyncio.get_running_loop().time()
+        self.ack_tries.append(now)
+        if now < self.ack_ok_from:
+            if self.hang:
+                await asyncio.Event().wait()
+            raise ConnectionError("broker away")
+        await super().ack(messages)
+
+    async def hand_back(self, messages: Sequence[Message]) -> None:
+        if self.hang:
+            await asyncio.Event().wait()
+        await super().hand_back(messages)
+
+
+async def test_failed_acks_are_retried_with_backoff_while_the_lease_holds(clock: Clock) -> None:
+    """An ack that fails while the broker is away is tried again, with growing pauses
+    (0.05 s doubling to 1 s, jittered), and lands once the broker is back: nothing is
+    delivered twice."""
+    start = clock.now()
+    broker = FlakyAckBroker(max_deliveries=None, clock=clock, ack_ok_from=start + 5.0)
+    await publish(broker, "jobs", [b"x"] * 10)
+    worker = Worker(broker, clock=clock, lease=30.0, ack_batch=10)
+
+    @worker.handler("jobs", concurrency=10)
+    async def handle(message: Message) -> None:
+        return None
+
+    stats = await worker.run(exit_when_idle=2.0, handle_signals=False)
+    assert (stats.handled, stats.acked, stats.ack_failures) == (10, 10, 0)
+    tries = [t - start for t in broker.ack_tries]
+    assert tries[-1] >= 5.0
+    pauses = [b - a for a, b in itertools.pairwise(tries)]
+    assert all(0.025 <= p <= 1.0 for p in pauses)
+    assert 8 <= len(tries) <= 15  # not a hot loop: ~0.05 .. 1 s apart for 5 s
+    assert await remaining(broker, "jobs") == []
+
+
+async def test_acks_are_given_up_after_half_a_lease(clock: Clock) -> None:
+    """With the broker away for good, a batch is given up half a lease after its first
+    failed ack (its messages come back when their leases expire) and counted."""
+    start = clock.now()
+    broker = FlakyAckBroker(max_deliveries=None, clock=clock, ack_ok_from=float("inf"))
+    await publish(broker, "jobs", [b"x"] * 5)
+    worker = Worker(broker, clock=clock, lease=8.0, ack_batch=5)
+
+    @worker.handler("jobs", concurrency=5)
+    async def handle(message: Message) -> None:
+        return None
+
+    stats = await worker.run(exit_when_idle=6.0, handle_signals=False)
+    assert (stats.handled, stats.acked, stats.ack_failures) == (5, 0, 5)
+    first, last = broker.ack_tries[0] - start, broker.ack_tries[-1] - start
+    assert last - first <= 4.0  # half of the 8 s lease
+    assert last - first >= 3.0  # and not much less (the last pause is at most 1 s)
+
+
+async def test_shutdown_with_the_broker_away_ends_within_settle_timeout(clock: Clock) -> None:
+    """On stop, the final acks and hand-backs share settle_timeout: with the broker not
+    answering at all, the worker still returns by then, and counts the acks it could
+    not make (three tries of settle_timeout per batch took 35 s in the R4 work)."""
+    start = clock.now()
+    broker = FlakyAckBroker(max_deliveries=None, clock=clock, ack_ok_from=float("inf"), hang=True)
+    await publish(broker, "jobs", [b"x"] * 40)
+    worker = Worker(broker, clock=clock, lease=60.0, ack_batch=10, settle_timeout=2.0)
+    handled = 0
+
+    @worker.handler("jobs", concurrency=10)
+    async def handle(message: Message) -> None:
+        nonlocal handled
+        handled += 1
+        if handled == 20:
+            worker.stop()
+
+    stats = await worker.run(handle_signals=False)
+    assert stats.acked == 0
+    assert stats.ack_failures == stats.handled >= 20
+    assert stats.handed_back == 0  # nothing got through; those leases expire instead
+    assert clock.now() - start <= 2.5  # stop at ~0, then at most settle_timeout

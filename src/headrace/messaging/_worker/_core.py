@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..._cancel import shielded
+from ..._cancel import deadline, shielded
 from ..._clock import Clock, default_clock
 from ..._errors import ConfigurationError
 from ..._retry import Retry
@@ -507,17 +507,20 @@ class Worker:
             await asyncio.gather(*slots, return_exceptions=True)
         finally:
             await fetches_drained
-        # 3. Ack everything handled (the ackers flush their whole backlog, then exit).
+        # 3. Ack everything handled (the ackers flush their whole backlog, then exit)
+        # and 4. hand back what was cancelled mid-handler or fetched during the stop,
+        # both within settle_timeout: with the broker away, what is not through by
+        # then comes back when its lease expires, and the worker still exits.
+        settle_by = self._clock.now() + self.settle_timeout
         for route in routes:
-            route.stop_acker()
+            route.stop_acker(settle_by)
         await asyncio.gather(*ackers, return_exceptions=True)
-        # 4. Hand back what was cancelled mid-handler or fetched during the stop.
         leftovers: list[Message] = []
         for route in routes:
             leftovers.extend(route.take_buffer())
             leftovers.extend(route.in_flight.values())
             route.in_flight.clear()
-        await self._hand_back(broker, leftovers)
+        await self._hand_back(broker, leftovers, until=settle_by)
 
     async def _wait(
         self, tasks: Iterable[asyncio.Task[None]], *, until: float, force: asyncio.Event
@@ -540,15 +543,29 @@ class Worker:
             force_wait.cancel()
             await asyncio.gather(force_wait, return_exceptions=True)
 
-    async def _hand_back(self, broker: Broker, messages: list[Message]) -> None:
+    async def _hand_back(
+        self, broker: Broker, messages: list[Message], *, until: float | None = None
+    ) -> None:
         if not messages:
             return
         by_topic: dict[str, list[Message]] = {}
         for message in messages:
             by_topic.setdefault(message.topic, []).append(message)
         for topic, batch in by_topic.items():
+            budget = self.settle_timeout
+            if until is not None:
+                budget = min(budget, until - self._clock.now())
+            if budget <= 0:
+                logger.error(
+                    "hand-back of %d messages on %r skipped: the shutdown deadline passed; "
+                    "they return when their leases expire",
+                    len(batch),
+                    topic,
+                )
+                continue
             try:
-                await broker.hand_back(batch)
+                async with deadline(budget, cause="hand-back", clock=self._clock):
+                    await broker.hand_back(batch)
             except Exception as exc:
                 logger.error(
                     "hand-back of %d messages on %r failed (%s); they return when their "

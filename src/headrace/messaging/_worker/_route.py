@@ -20,6 +20,7 @@ import asyncio
 import functools
 import logging
 import math
+import random
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -152,6 +153,8 @@ class Route:
         self.lease_until: dict[int, float] = {}
         self.stopping = False
         self.acker_stopping = False
+        # On shutdown, the clock time by which the last acks must be through.
+        self.ack_deadline = math.inf
         self.last_activity = clock.now()
         # When the latest retry this worker scheduled comes due: not idle before then.
         self.retry_due = -math.inf
@@ -233,7 +236,9 @@ class Route:
                 raise
             except Exception as exc:
                 failures += 1
-                delay = min(5.0, 0.05 * 2 ** min(failures, 10))
+                # Jittered, so that workers do not all reconnect in the same instant
+                # when a broker comes back.
+                delay = random.uniform(0.5, 1.0) * min(5.0, 0.05 * 2 ** min(failures, 10))
                 logger.warning(
                     "fetch from %r failed (%s); retrying in %.2f s",
                     self.spec.topic,
@@ -556,29 +561,54 @@ class Route:
             await self._ack(batch)
 
     async def _ack(self, batch: list[Message]) -> None:
-        for attempt in range(1, 4):
-            try:
-                async with deadline(self.settle_timeout, cause="ack", clock=self.clock):
-                    await self.broker.ack(batch)
-            except Exception as exc:
-                if attempt == 3:
-                    self.counters.ack_failures += len(batch)
-                    logger.error(
-                        "ack of %d messages on %r failed 3 times (%s); they will be "
-                        "delivered again when their leases expire",
-                        len(batch),
-                        self.spec.topic,
-                        exc,
-                    )
+        """Ack ``batch``; on failure retry with jittered backoff (0.05 s doubling to 1 s)
+        for half a lease, while the leases are surely still ours and a late ack still
+        counts, and on shutdown no later than :meth:`stop_acker`'s deadline. A batch
+        given up is delivered again when its leases expire: late, never lost (R4: with
+        three quick tries, every duplicate after a broker restart was an ack given up
+        while the broker was away)."""
+        give_up_at = math.inf
+        pause = 0.05
+        while True:
+            budget = min(self.settle_timeout, self.ack_deadline - self.clock.now())
+            error: Exception | None = None
+            if budget > 0:
+                try:
+                    async with deadline(budget, cause="ack", clock=self.clock):
+                        await self.broker.ack(batch)
+                except Exception as exc:
+                    error = exc
+                else:
+                    self.counters.acked += len(batch)
+                    self.last_activity = self.clock.now()
                     return
-                await self.clock.sleep(0.05 * attempt)
-            else:
-                self.counters.acked += len(batch)
-                self.last_activity = self.clock.now()
+            now = self.clock.now()
+            if give_up_at == math.inf:
+                give_up_at = now + self.lease / 2
+            wait = random.uniform(pause / 2, pause)
+            if error is None or now + wait >= min(give_up_at, self.ack_deadline):
+                self.counters.ack_failures += len(batch)
+                logger.error(
+                    "ack of %d messages on %r failed (%s); they will be delivered again "
+                    "when their leases expire",
+                    len(batch),
+                    self.spec.topic,
+                    error or "no time left before the shutdown deadline",
+                )
                 return
+            logger.warning(
+                "ack of %d messages on %r failed (%s); retrying in %.2f s",
+                len(batch),
+                self.spec.topic,
+                error,
+                wait,
+            )
+            await self.clock.sleep(wait)
+            pause = min(1.0, pause * 2)
 
-    def stop_acker(self) -> None:
-        """Let the acker flush everything left and exit."""
+    def stop_acker(self, deadline: float = math.inf) -> None:
+        """Let the acker flush everything left, by ``deadline`` (clock time), and exit."""
+        self.ack_deadline = deadline
         self.acker_stopping = True
         self._ack_ready.set()
         if self._ack_full is not None:
