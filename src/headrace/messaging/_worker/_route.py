@@ -562,11 +562,11 @@ class Route:
 
     async def _ack(self, batch: list[Message]) -> None:
         """Ack ``batch``; on failure retry with jittered backoff (0.05 s doubling to 1 s)
-        for half a lease, while the leases are surely still ours and a late ack still
-        counts, and on shutdown no later than :meth:`stop_acker`'s deadline. A batch
-        given up is delivered again when its leases expire: late, never lost (R4: with
-        three quick tries, every duplicate after a broker restart was an ack given up
-        while the broker was away)."""
+        for one lease (by then the leases, taken before the first failure, have surely
+        expired and the messages may be with another consumer), and on shutdown no
+        later than :meth:`stop_acker`'s deadline. A batch given up is delivered again:
+        late, never lost. Why so long: with three quick tries, every duplicate after a
+        broker restart was an ack given up while the broker was away (R4)."""
         give_up_at = math.inf
         pause = 0.05
         while True:
@@ -584,7 +584,7 @@ class Route:
                     return
             now = self.clock.now()
             if give_up_at == math.inf:
-                give_up_at = now + self.lease / 2
+                give_up_at = now + self.lease
             wait = random.uniform(pause / 2, pause)
             if error is None or now + wait >= min(give_up_at, self.ack_deadline):
                 self.counters.ack_failures += len(batch)
