@@ -82,6 +82,30 @@ def _redis_case(request: pytest.FixtureRequest) -> BrokerMaker:
     return make
 
 
+def _postgres_case(request: pytest.FixtureRequest) -> BrokerMaker:
+    # Imported here: psycopg is an optional dependency of the PostgreSQL adapter only.
+    import uuid
+
+    import psycopg
+
+    from headrace.messaging.brokers.postgres import PostgresBroker
+
+    url = request.getfixturevalue("postgres_url")
+    # Tables of their own per test: other runs may share the database.
+    prefix = f"hr_conformance_{uuid.uuid4().hex[:12]}_"
+
+    def cleanup() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {prefix}messages, {prefix}dead_letters")
+
+    request.addfinalizer(cleanup)
+
+    def make(**options: Any) -> Broker:
+        return PostgresBroker(url, prefix=prefix, **options)
+
+    return make
+
+
 def _sqlite_wall_case(request: pytest.FixtureRequest) -> BrokerMaker:
     # As in production: leases on time.time(), waiting on the loop's monotonic clock.
     path = request.getfixturevalue("tmp_path") / "broker.db"
@@ -105,6 +129,7 @@ BROKER_CASES: dict[str, CaseSpec] = {
     "sqlite-thread": CaseSpec(_sqlite_thread_case),
     "sqlite-wall": CaseSpec(_sqlite_wall_case, real_time=True),
     "redis": CaseSpec(_redis_case, real_time=True),
+    "postgres": CaseSpec(_postgres_case, real_time=True),
 }
 
 

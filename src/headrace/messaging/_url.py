@@ -5,11 +5,14 @@
 ``sqlite:///jobs.db``              :class:`SqliteBroker` on ``jobs.db`` (relative path)
 ``sqlite:////var/lib/jobs.db``     absolute path (four slashes, as in SQLAlchemy)
 ``redis://[:password@]host/db``    Redis Streams (imported only when asked for)
+``postgresql://user@host/dbname``  PostgreSQL (``postgres://`` too; imported only when
+                                   asked for)
 =================================  ==================================================
 
 Query parameters set adapter options (``sqlite:///jobs.db?max_deliveries=10&lease=30``);
-keyword arguments to :func:`open_broker` override them. Redis URLs go to the Redis
-adapter unchanged, since redis-py reads its own parameters from them. Passwords in URLs
+keyword arguments to :func:`open_broker` override them. Redis and PostgreSQL URLs go to
+their adapters unchanged, since redis-py and libpq read their own parameters from them
+(the adapters take out the ones they know: ``?prefix=jobs_&lease=60``). Passwords in URLs
 never appear in error messages or reprs.
 """
 
@@ -102,8 +105,8 @@ def open_broker(url: str, **options: Any) -> Broker:
     scheme = scheme.lower()
     if not separator:
         raise ConfigurationError(
-            f"broker URL {redact(url)!r} has no scheme; use memory://, sqlite:///path.db "
-            "or redis://host",
+            f"broker URL {redact(url)!r} has no scheme; use memory://, sqlite:///path.db, "
+            "redis://host or postgresql://host/dbname",
             code="invalid_broker_url",
         )
     if scheme == "memory":
@@ -129,8 +132,12 @@ def open_broker(url: str, **options: Any) -> Broker:
         # Imported by name: the Redis adapter pulls in redis-py, which only Redis users need.
         redis_module = importlib.import_module(".brokers.redis", __package__)
         return cast(Broker, redis_module.RedisBroker(url, **options))
+    if scheme in ("postgres", "postgresql"):
+        # Imported by name: the PostgreSQL adapter pulls in psycopg.
+        postgres_module = importlib.import_module(".brokers.postgres", __package__)
+        return cast(Broker, postgres_module.PostgresBroker(url, **options))
     raise ConfigurationError(
         f"unknown broker URL scheme {scheme!r} in {redact(url)!r}; "
-        "supported: memory://, sqlite:///path.db, redis://",
+        "supported: memory://, sqlite:///path.db, redis://, postgresql:// (or postgres://)",
         code="invalid_broker_url",
     )

@@ -3,6 +3,8 @@
 * :mod:`.memory` — :class:`~.memory.MemoryBroker`, the in-process reference adapter.
 * :mod:`.sqlite` — :class:`~.sqlite.SqliteBroker`, the embedded default (a WAL file).
 * :mod:`.redis` — Redis Streams with consumer groups.
+* :mod:`.postgres` — :class:`~.postgres.PostgresBroker`, one PostgreSQL table with
+  leases in its rows, ``SKIP LOCKED`` claims and ``LISTEN``/``NOTIFY`` wake-ups.
 
 Nothing here imports a broker client: adapters are imported on their own (or through
 :func:`headrace.messaging.open_broker`), so ``import headrace.messaging`` stays cheap.

@@ -1,0 +1,424 @@
+"""What the PostgresBroker operations share: options, connections, waiting, errors.
+
+:class:`_PostgresConnection` is the base of :class:`~._broker.PostgresBroker`. It
+validates the options, owns the two connections (the *work* connection every
+statement runs on, one at a time under an ``asyncio.Lock``, and the *listen*
+connection whose task turns notifications into wake-ups of waiting fetches),
+creates the tables, translates psycopg errors at one choke point, and connects and
+closes. The :class:`~headrace.messaging.Broker` operations live in ``_broker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import warnings
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.string import TextBinaryLoader, TextLoader
+
+from ...._clock import Clock, default_clock
+from ...._errors import (
+    BrokerConnectionError,
+    BrokerError,
+    ClosedResourceError,
+    ConfigurationError,
+    translate_errors,
+)
+from ..._broker import BrokerCapabilities
+from .. import check_lease, check_max_deliveries
+from ._options import Scrubber, split_options
+from ._sql import Statements
+
+__all__ = ["_PostgresConnection"]
+
+logger = logging.getLogger("headrace.messaging.postgres")
+
+_T = TypeVar("_T")
+
+Connection = psycopg.AsyncConnection[Any]
+
+_CAPABILITIES = BrokerCapabilities(
+    handback_costs_attempt=False,
+    counts_attempts=True,
+    ordered=True,
+    delayed_nack=True,
+    lease_extension=True,
+    persistent=True,
+)
+
+# translate_errors picks the most specific match along the raised type's MRO.
+_ERRORS = {
+    psycopg.OperationalError: BrokerConnectionError,  # lost, refused, terminated, cancelled
+    psycopg.InterfaceError: BrokerConnectionError,
+    OSError: BrokerConnectionError,
+    psycopg.Error: BrokerError,
+}
+
+# Seconds a cancelled fetch may spend handing back what its claim had leased, and
+# close may spend on the last acks.
+CLEANUP_TIMEOUT = 5.0
+# Seconds between attempts to bring a failed listen connection back.
+_LISTEN_RETRY = 1.0
+# Free space left in each heap page so that a claim's or a hand-back's new row version
+# fits beside the old one (a HOT update: no index entry is added).
+_FILLFACTOR = 50
+# Lowercase identifiers only, so that the tables need no quoting in hand-written SQL;
+# short enough for "<prefix>dead_letters_topic" to stay within 63 bytes.
+_PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,44}")
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _PostgresConnection:
+    """The state and plumbing of a :class:`~._broker.PostgresBroker` (its base class).
+
+    The constructor's arguments are documented on :class:`~._broker.PostgresBroker`.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        schema: str | None = None,
+        prefix: str = "headrace_",
+        max_deliveries: int | None = 20,
+        lease: float = 30.0,
+        poll_interval: float = 1.0,
+        connect_timeout: float = 10.0,
+        clock: Clock | None = None,
+        **connect_options: Any,
+    ) -> None:
+        if not isinstance(conninfo, str):
+            raise ConfigurationError(
+                f"PostgresBroker(conninfo=...) must be a string, got {type(conninfo).__name__}",
+                code="invalid_broker_url",
+            )
+        password = connect_options.get("password")
+        self._scrub = Scrubber(conninfo, password if isinstance(password, str) else None)
+        libpq_conninfo, from_url = split_options(conninfo)
+        given: dict[str, Any] = {
+            "schema": schema,
+            "prefix": prefix,
+            "max_deliveries": max_deliveries,
+            "lease": lease,
+            "poll_interval": poll_interval,
+        }
+        defaults = _PostgresConnection.__init__.__kwdefaults__ or {}
+        # A keyword argument left at its default yields to the URL's value.
+        options = {
+            name: from_url[name] if name in from_url and value == defaults.get(name) else value
+            for name, value in given.items()
+        }
+        schema, prefix = options["schema"], options["prefix"]
+        if schema is not None and (not isinstance(schema, str) or not schema):
+            raise ConfigurationError(
+                f"PostgresBroker(schema={schema!r}) must be a non-empty string or None",
+                code="invalid_configuration",
+            )
+        if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+            raise ConfigurationError(
+                f"PostgresBroker(prefix={prefix!r}) must be 1-45 characters of a-z, 0-9 "
+                "and _, not starting with a digit",
+                code="invalid_configuration",
+            )
+        self._max_deliveries = check_max_deliveries(
+            options["max_deliveries"], broker="PostgresBroker"
+        )
+        self._lease = check_lease(options["lease"], where="PostgresBroker(lease)")
+        self._poll_interval = check_lease(
+            options["poll_interval"], where="PostgresBroker(poll_interval)"
+        )
+        timeout = check_lease(connect_timeout, where="PostgresBroker(connect_timeout)")
+        try:
+            settings = conninfo_to_dict(libpq_conninfo, **connect_options)
+        except psycopg.ProgrammingError as exc:
+            raise ConfigurationError(
+                f"broker URL {self._scrub(conninfo)!r} is not a valid PostgreSQL URL or "
+                f"conninfo: {self._scrub(str(exc))}",
+                code="invalid_broker_url",
+            ) from None
+        connect_options.setdefault("application_name", "headrace")
+        if "connect_timeout" not in settings:
+            # libpq takes whole seconds (and at least 2).
+            connect_options["connect_timeout"] = max(2, round(timeout))
+        self._conninfo = libpq_conninfo
+        self._connect_options = connect_options
+        self._shown = self._scrub(conninfo)
+        self._schema: str | None = schema
+        self._prefix: str = prefix
+        self._sql = Statements(schema, prefix, fillfactor=_FILLFACTOR)
+        self._clock = clock if clock is not None else default_clock()
+        self._connected = False
+        self._closed = False
+        self._schema_ready = False
+        # Every statement runs on this connection, one at a time, under _lock.
+        self._work: Connection | None = None
+        self._lock = asyncio.Lock()
+        # Fetches waiting for news of a topic; the listen task wakes them.
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._listen_failed_at: float | None = None
+
+    def __del__(self) -> None:
+        # getattr: __init__ may have failed before setting the attributes.
+        if getattr(self, "_connected", False) and not getattr(self, "_closed", True):
+            warnings.warn(
+                f"unclosed {self!r}: call await broker.close() (or use async with)",
+                ResourceWarning,
+                stacklevel=2,
+                source=self,
+            )
+
+    # -- properties ------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> BrokerCapabilities:
+        """Everything supported; hand-backs are free; the table counts attempts."""
+        return _CAPABILITIES
+
+    @property
+    def max_deliveries(self) -> int | None:
+        return self._max_deliveries
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def messages_table(self) -> str:
+        """The messages table's (quoted) name; dead letters are in ``dead_letters_table``."""
+        return self._sql.messages_name
+
+    @property
+    def dead_letters_table(self) -> str:
+        return self._sql.dead_letters_name
+
+    @property
+    def channel(self) -> str:
+        """The LISTEN/NOTIFY channel; a notification's payload is the topic."""
+        return self._sql.channel
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open" if self._connected else "new"
+        return f"PostgresBroker({self._shown!r}, table={self._sql.messages_name!r}, {state})"
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def _check_open(self, operation: str) -> None:
+        if self._closed:
+            raise ClosedResourceError(
+                f"{operation}() on a closed {self!r}", context={"operation": operation}
+            )
+
+    @contextmanager
+    def _translated(self, operation: str, topic: str | None = None) -> Iterator[None]:
+        """The choke point where psycopg errors become headrace errors (passwords out)."""
+        context: dict[str, Any] = {"url": self._shown, "operation": operation}
+        where = f"postgres {operation}"
+        if topic is not None:
+            context["topic"] = topic
+            where += f"({topic!r})"
+        with translate_errors(
+            _ERRORS,
+            message=lambda error: (
+                f"{where} failed on {self._shown}: {type(error).__name__}: "
+                f"{self._scrub(str(error)).strip()}"
+            ),
+            context=context,
+        ):
+            yield
+
+    async def _new_connection(self) -> Connection:
+        conn = await psycopg.AsyncConnection.connect(
+            self._conninfo, autocommit=True, **self._connect_options
+        )
+        try:
+            # Headers and error records are JSON we decode with msgspec: keep them text.
+            conn.adapters.register_loader("json", TextLoader)
+            conn.adapters.register_loader("json", TextBinaryLoader)
+            # The tables are often never analysed (autovacuum off, or just created):
+            # the planner then guesses a few rows and picks a bitmap scan plus a sort
+            # of the whole topic over the ordered index walk a claim needs (measured:
+            # 35 ms instead of 3 ms per claim of 100 on 10k messages). Every statement
+            # of ours finds rows by an index, so bitmap scans are never what we want.
+            await conn.execute(b"SET enable_bitmapscan = off")
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _work_connection(self) -> Connection:
+        """The work connection, (re)connected if missing or broken; call under _lock."""
+        conn = self._work
+        if conn is not None and not conn.closed:
+            return conn
+        self._work = None
+        if conn is not None:
+            await conn.close()
+        conn = await self._new_connection()
+        try:
+            if not self._schema_ready:
+                await self._ensure_schema(conn)
+                self._schema_ready = True
+        except BaseException:
+            await conn.close()
+            raise
+        self._work = conn
+        return conn
+
+    async def _ensure_schema(self, conn: Connection) -> None:
+        statements = self._sql
+        cursor = await conn.execute(
+            statements.tables_exist,
+            {"messages": statements.messages_name, "dead": statements.dead_letters_name},
+        )
+        row = await cursor.fetchone()
+        if row is not None and row[0]:
+            return
+        # One process at a time: concurrent CREATE ... IF NOT EXISTS can still collide.
+        async with conn.transaction():
+            await conn.execute(
+                b"SELECT pg_advisory_xact_lock(hashtext(%s))", (statements.messages_name,)
+            )
+            if statements.create_schema is not None:
+                await conn.execute(statements.create_schema)
+            for statement in statements.schema:
+                await conn.execute(statement)
+
+    async def _run(
+        self,
+        operation: str,
+        work: Callable[[Connection], Awaitable[_T]],
+        *,
+        topic: str | None = None,
+        repeatable: bool = False,
+    ) -> _T:
+        """Run ``work(conn)`` on the work connection (connecting first if needed).
+
+        ``repeatable`` work (an ack, a settle statement that checks the delivery it
+        acts on) is sent once more over a fresh connection when the first one turns
+        out dead: a connection the server closed while it sat idle (a restart, an
+        administrator's ``pg_terminate_backend``, a proxy's idle timeout) fails the
+        next statement sent on it. Publishes and claims are not repeated: a lost
+        reply may hide a commit, and their callers retry.
+        """
+        self._check_open(operation)
+        if not self._connected:
+            await self.connect()
+        async with self._lock:
+            self._check_open(operation)
+            with self._translated(operation, topic):
+                conn = await self._work_connection()
+                try:
+                    return await work(conn)
+                except psycopg.OperationalError:
+                    if not repeatable or not conn.closed or self._closed:
+                        raise
+                conn = await self._work_connection()
+                return await work(conn)
+
+    # -- waiting ---------------------------------------------------------------------
+
+    def _wake_topic(self, topic: str) -> None:
+        for future in self._waiters.get(topic, ()):
+            _wake(future)
+
+    def _wake_all(self) -> None:
+        for waiters in self._waiters.values():
+            for future in waiters:
+                _wake(future)
+
+    async def _listen(self, ready: asyncio.Future[None] | None) -> None:
+        """Hold the listen connection and wake the fetches waiting for each topic."""
+        conn: Connection | None = None
+        try:
+            conn = await self._new_connection()
+            await conn.execute(self._sql.listen)
+            self._listen_failed_at = None
+            if ready is not None:
+                _wake(ready)
+            else:
+                # Back after a failure: whatever was published meanwhile went unheard.
+                self._wake_all()
+            async for notification in conn.notifies():
+                if notification.payload:
+                    self._wake_topic(notification.payload)
+                else:
+                    self._wake_all()
+        except Exception as exc:
+            self._listen_failed_at = self._clock.now()
+            if ready is not None and not ready.done():
+                ready.set_exception(exc)
+            elif not self._closed:
+                logger.warning(
+                    "PostgreSQL listen connection of %s failed (%s); idle fetches poll "
+                    "every %.2f s until it is back",
+                    self._shown,
+                    self._scrub(str(exc)).strip(),
+                    self._poll_interval,
+                )
+        finally:
+            if conn is not None:
+                await conn.close()
+
+    def _ensure_listener(self) -> None:
+        """Bring a failed listen task back (at most every ``_LISTEN_RETRY`` seconds)."""
+        listener = self._listener
+        if listener is not None and not listener.done():
+            return
+        failed_at = self._listen_failed_at
+        if failed_at is not None and self._clock.now() - failed_at < _LISTEN_RETRY:
+            return
+        self._listener = asyncio.create_task(self._listen(None), name="headrace-pg-listen")
+
+    async def _wait(self, future: asyncio.Future[None], wake_at: float) -> None:
+        handle = self._clock.call_at(wake_at, lambda: _wake(future))
+        try:
+            await future
+        finally:
+            handle.cancel()
+
+    # -- connect and close -----------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect, create the tables if missing, start listening; idempotent."""
+        self._check_open("connect")
+        if self._connected:
+            return
+        async with self._lock:
+            self._check_open("connect")
+            await self._connect_locked()
+
+    async def _connect_locked(self) -> None:
+        if self._connected:  # another task connected while this one waited
+            return
+        with self._translated("connect"):
+            await self._work_connection()
+            ready = asyncio.get_running_loop().create_future()
+            self._listener = asyncio.create_task(self._listen(ready), name="headrace-pg-listen")
+            try:
+                await ready
+            except BaseException:
+                await asyncio.wait({self._listener})
+                raise
+        self._connected = True
+
+    async def _stop_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None and not listener.done():
+            listener.cancel()
+            await asyncio.wait({listener})
+
+    async def _close_work(self) -> None:
+        conn, self._work = self._work, None
+        if conn is not None:
+            await conn.close()
