@@ -162,6 +162,9 @@ class ResultStream:
     async def _work(self) -> None:
         fetcher = self._fetcher
         execute = fetcher._execute
+        # Passed to each request for its total timeout (one lookup per worker, not per
+        # request).
+        task = asyncio.current_task()
         ready = self._ready
         sync_source = self._sync_source
         try:
@@ -193,7 +196,7 @@ class ResultStream:
                 # Awaiting _execute directly (not through a helper coroutine): one await
                 # level less to pass through on every resume.
                 try:
-                    response = await execute(request, bounded=False)
+                    response = await execute(request, bounded=False, task=task)
                 except HeadraceError as exc:
                     result = new_result(index, request, None, exc)
                 except Exception as exc:
