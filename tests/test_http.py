@@ -44,7 +44,9 @@ from headrace.http import (
     parse_retry_after,
     redact_url,
 )
+from headrace.http._deadlines import EXPIRED, AttemptDeadlines
 from headrace.http._models import get_request, new_response, new_result, status_error
+from headrace.http._slots import Slots
 from http_server import HttpTestServer
 
 real_time = pytest.mark.real_time
@@ -233,6 +235,92 @@ async def test_slot_wait_expires_at_exactly_slot_wait(clock: Clock) -> None:
     assert "slot_wait=0.25 s (concurrency=1, per_host=None)" in info.value.message
 
 
+async def test_slots_hand_over_in_order_and_survive_cancellation() -> None:
+    """A released slot goes to the first live waiter (FIFO), never to a newcomer; a
+    waiter cancelled after being handed one passes it on, one cancelled while queued
+    leaves the line."""
+    slots = Slots(asyncio.get_running_loop(), 1)
+    assert slots.try_acquire()
+    assert not slots.try_acquire()
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        await slots.acquire()
+        order.append(name)
+
+    first = asyncio.create_task(take("first"))
+    second = asyncio.create_task(take("second"))
+    third = asyncio.create_task(take("third"))
+    await asyncio.sleep(0)
+    second.cancel()  # cancelled while queued
+    await asyncio.sleep(0)
+    slots.release()  # -> first
+    assert not slots.try_acquire()  # handed over, not free: a newcomer cannot take it
+    first.cancel()  # handed the slot, cancelled before it ran: the slot moves on
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert order == ["third"]
+    assert first.cancelled()
+    assert second.cancelled()
+    await third
+    slots.release()
+    assert slots.try_acquire()
+    assert not slots._waiters
+
+
+async def test_attempt_deadlines_expire_in_order_and_yield_to_other_cancels() -> None:
+    """Each attempt's task is cancelled at exactly start + seconds; settle_expired says
+    the CancelledError was the deadline's, unless someone else cancelled too."""
+    loop = asyncio.get_running_loop()
+    deadlines = AttemptDeadlines(loop, 0.5)
+    outcomes: dict[str, tuple[float, bool]] = {}
+
+    async def attempt(name: str, cancel_too: bool) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        entry = deadlines.start(task)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError as exc:
+            if cancel_too:
+                task.cancel()  # a second cancel, e.g. the caller giving up
+            assert entry[2] == EXPIRED
+            outcomes[name] = (loop.time(), deadlines.settle_expired(entry, exc))
+        finally:
+            deadlines.finish(entry)
+
+    started = loop.time()
+    first = asyncio.create_task(attempt("first", cancel_too=False))
+    await asyncio.sleep(0.25)
+    second = asyncio.create_task(attempt("second", cancel_too=True))
+    await first
+    # The second was cancelled twice and took back only the deadline's cancel.
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert outcomes == {
+        "first": (started + 0.5, True),
+        "second": (started + 0.75, False),
+    }
+    deadlines.close()
+
+
+async def test_attempt_deadlines_finished_entries_do_not_pile_up() -> None:
+    """Finished attempts leave the queue, even behind a slow one at its head, and a
+    finished attempt is never cancelled."""
+    loop = asyncio.get_running_loop()
+    deadlines = AttemptDeadlines(loop, 10.0)
+    task = asyncio.current_task()
+    assert task is not None
+    slow = deadlines.start(task)
+    for _ in range(1_000):
+        deadlines.finish(deadlines.start(task))
+    assert len(deadlines._entries) <= 2 * 1 + 64 + 1
+    deadlines.finish(slow)
+    await asyncio.sleep(20)  # past every deadline: nothing is cancelled
+    assert task.cancelling() == 0
+    deadlines.close()
+
+
 def _status(status: int, retry_after: float | None) -> HttpStatusError:
     request = Request("http://h/x")
     response = Response(request, status, "", {}, b"", request.url, 0.0, 1)
@@ -291,6 +379,19 @@ async def test_fan_out_opens_at_most_concurrency_connections() -> None:
     assert stats.requests == stats.attempts == stats.responses == 500
     assert stats.statuses == {200: 500}
     assert stats.in_flight == 0
+
+
+@real_time
+async def test_connections_read_in_64_kib_pieces() -> None:
+    """Our plain-HTTP sockets are read 64 KiB at a time, not asyncio's 256 KiB (which
+    glibc may serve with an mmap per read); bodies larger than that still arrive whole."""
+    async with HttpTestServer() as server, Fetcher(concurrency=2) as fetcher:
+        response = await fetcher.fetch(server.url("/ok?size=300000"))
+        assert len(response.body) == 300_000
+        assert fetcher._connector is not None
+        protocols = [proto for conns in fetcher._connector._conns.values() for proto, _ in conns]
+        assert protocols
+        assert {proto.transport.max_size for proto in protocols} == {64 * 1024}
 
 
 @real_time
