@@ -180,7 +180,6 @@ class PostgresBroker(_PostgresConnection):
         deadline = clock.now() + timeout
         loop = asyncio.get_running_loop()
         while True:
-            self._ensure_listener()
             # Listening before the claim: a publish that commits after the claim's
             # snapshot wakes this wait instead of going unnoticed.
             woken: asyncio.Future[None] = loop.create_future()

@@ -63,8 +63,8 @@ _ERRORS = {
 # Seconds a cancelled fetch may spend handing back what its claim had leased, and
 # close may spend on the last acks.
 CLEANUP_TIMEOUT = 5.0
-# Seconds between attempts to bring a failed listen connection back.
-_LISTEN_RETRY = 1.0
+# Longest pause between attempts to bring a failed listen connection back (seconds).
+_LISTEN_RETRY_MAX = 5.0
 # Free space left in each heap page so that a claim's or a hand-back's new row version
 # fits beside the old one (a HOT update: no index entry is added).
 _FILLFACTOR = 50
@@ -166,7 +166,6 @@ class _PostgresConnection:
         # Fetches waiting for news of a topic; the listen task wakes them.
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._listener: asyncio.Task[None] | None = None
-        self._listen_failed_at: float | None = None
 
     def __del__(self) -> None:
         # getattr: __init__ may have failed before setting the attributes.
@@ -337,48 +336,47 @@ class _PostgresConnection:
             for future in waiters:
                 _wake(future)
 
-    async def _listen(self, ready: asyncio.Future[None] | None) -> None:
-        """Hold the listen connection and wake the fetches waiting for each topic."""
-        conn: Connection | None = None
-        try:
-            conn = await self._new_connection()
-            await conn.execute(self._sql.listen)
-            self._listen_failed_at = None
-            if ready is not None:
-                _wake(ready)
-            else:
-                # Back after a failure: whatever was published meanwhile went unheard.
-                self._wake_all()
-            async for notification in conn.notifies():
-                if notification.payload:
-                    self._wake_topic(notification.payload)
+    async def _listen(self, ready: asyncio.Future[None]) -> None:
+        """Hold the listen connection and wake the fetches waiting for each topic.
+
+        Runs until close. The first ``LISTEN`` reports to ``connect`` through ``ready``;
+        after that, a lost connection is made again with backoff (0.1 s doubling to
+        5 s), fetches meanwhile waiting at most ``poll_interval``, and every waiting
+        fetch looks again once it is back (what was published meanwhile went unheard).
+        """
+        failures = 0
+        while True:
+            conn: Connection | None = None
+            try:
+                conn = await self._new_connection()
+                await conn.execute(self._sql.listen)
+                if not ready.done():
+                    ready.set_result(None)
                 else:
                     self._wake_all()
-        except Exception as exc:
-            self._listen_failed_at = self._clock.now()
-            if ready is not None and not ready.done():
-                ready.set_exception(exc)
-            elif not self._closed:
-                logger.warning(
-                    "PostgreSQL listen connection of %s failed (%s); idle fetches poll "
-                    "every %.2f s until it is back",
-                    self._shown,
-                    self._scrub(str(exc)).strip(),
-                    self._poll_interval,
-                )
-        finally:
-            if conn is not None:
-                await conn.close()
-
-    def _ensure_listener(self) -> None:
-        """Bring a failed listen task back (at most every ``_LISTEN_RETRY`` seconds)."""
-        listener = self._listener
-        if listener is not None and not listener.done():
-            return
-        failed_at = self._listen_failed_at
-        if failed_at is not None and self._clock.now() - failed_at < _LISTEN_RETRY:
-            return
-        self._listener = asyncio.create_task(self._listen(None), name="headrace-pg-listen")
+                failures = 0
+                async for notification in conn.notifies():
+                    if notification.payload:
+                        self._wake_topic(notification.payload)
+                    else:
+                        self._wake_all()
+            except Exception as exc:
+                if not ready.done():
+                    ready.set_exception(exc)
+                    return
+                failures += 1
+                if not self._closed:
+                    logger.warning(
+                        "PostgreSQL listen connection of %s failed (%s); idle fetches "
+                        "poll every %.2f s until it is back",
+                        self._shown,
+                        self._scrub(str(exc)).strip(),
+                        self._poll_interval,
+                    )
+            finally:
+                if conn is not None:
+                    await conn.close()
+            await self._clock.sleep(min(_LISTEN_RETRY_MAX, 0.05 * 2 ** min(failures, 7)))
 
     async def _wait(self, future: asyncio.Future[None], wake_at: float) -> None:
         handle = self._clock.call_at(wake_at, lambda: _wake(future))
