@@ -63,8 +63,9 @@ def _int_array(values: Sequence[int]) -> str:
 
 
 def _new_token() -> int:
-    """A lease token: random, positive, never 0 (which means "no lease")."""
-    return secrets.randbits(62) + 1
+    """A lease token: random, never 0 (which means "no lease"), and always big enough
+    to be sent as an ``int8`` (one prepared statement, not one per integer size)."""
+    return secrets.randbits(61) | (1 << 61)
 
 
 class PostgresBroker(_PostgresConnection):
@@ -300,7 +301,14 @@ class PostgresBroker(_PostgresConnection):
                 return kept + messages
             over = [message for message in messages if message.attempt > cap]
             kept += [message for message in messages if message.attempt <= cap]
-            await self._bury(conn, topic, over, token, cap)
+            try:
+                await self._bury(conn, topic, over, token, cap)
+            except psycopg.Error:
+                if not kept:
+                    raise
+                # Deliver what this fetch holds; the others stay leased to it and are
+                # dead-lettered by a claim after their lease.
+                return kept
             if len(kept) >= limit:
                 return kept
 
@@ -394,7 +402,8 @@ class PostgresBroker(_PostgresConnection):
             except Exception as exc:
                 _settle(acks, exc)
             except BaseException:
-                _settle(acks, asyncio.CancelledError())
+                # Cancelled: only close does that, when the database does not answer.
+                _settle(acks, self._closed_error("ack"))
                 raise
             else:
                 _settle(acks, None)

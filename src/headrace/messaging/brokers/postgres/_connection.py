@@ -406,7 +406,9 @@ class _PostgresConnection:
             try:
                 await ready
             except BaseException:
+                self._listener.cancel()
                 await asyncio.wait({self._listener})
+                await self._close_work()
                 raise
         self._connected = True
 

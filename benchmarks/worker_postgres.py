@@ -1,0 +1,262 @@
+"""B7 (PostgreSQL): the headrace Worker on PostgresBroker vs hand-written psycopg loops.
+
+Every contender consumes the same number of messages, inserted beforehand into a fresh
+table of its own (not timed), with a no-op handler, and removes each one after it was
+handled. Contenders:
+
+* ``hand-written lease + batch delete`` (the B7 baseline for a lease-based queue, which
+  survives a crashed consumer without holding a transaction open): one statement claims
+  100 rows (``UPDATE ... SET leased_until = now() + 30 s WHERE id IN (SELECT ... ORDER
+  BY id LIMIT 100 FOR UPDATE SKIP LOCKED) RETURNING id, body``), the handlers run
+  (``gather``), one ``DELETE ... WHERE id = ANY(%s)`` removes the batch. Autocommit:
+  two round trips and two commits per batch.
+* ``hand-written SKIP LOCKED delete-in-tx``: ``BEGIN``; ``SELECT id, body ... ORDER BY
+  id LIMIT 100 FOR UPDATE SKIP LOCKED``; ``gather`` the handlers; ``DELETE ... = ANY``;
+  ``COMMIT`` (a crash rolls back and frees the rows; the transaction stays open while
+  the handlers run).
+* ``headrace c=16`` / ``headrace c=100``: ``Worker(PostgresBroker(url))`` with its
+  defaults and ``@worker.handler(topic, concurrency=c)``, run until every message was
+  handled and acked.
+* ``headrace fetch(100)+ack``: the adapter alone, ``fetch(topic, 100)`` then
+  ``ack(batch)`` in a loop (the worker's floor on this broker).
+
+Both hand-written loops use psycopg 3 async with its defaults (statements are prepared
+after five runs), one connection, batches of 100. Contenders run interleaved (A B C
+..., A B C ...) for ``--rounds`` rounds (at least 5); the table shows median msg/s and
+the median of the per-round ratios to each hand-written loop. Goal (B7): >= 0.8x
+hand-written. Run it under ``flock /tmp/bench.lock``.
+
+    python benchmarks/worker_postgres.py [--messages 50000] [--rounds 5] [--quick]
+        [--url postgresql://postgres@127.0.0.1:5432/test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from headrace.messaging import Message, OutgoingMessage, Worker
+from headrace.messaging.brokers.postgres import PostgresBroker
+
+URL = os.environ.get("HEADRACE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+RESULTS = Path(__file__).parent / "results" / "worker_postgres.json"
+BODY = b'{"order": 12345, "amount": 99.5}'
+BATCH = 100
+
+
+async def noop(_: object) -> None:
+    return None
+
+
+async def _fill(conn: psycopg.AsyncConnection[Any], table: str, count: int) -> None:
+    await conn.execute(
+        f"CREATE TABLE {table} (id bigserial PRIMARY KEY, body bytea NOT NULL, "
+        "leased_until timestamptz)"
+    )
+    async with conn.cursor() as cursor, cursor.copy(f"COPY {table} (body) FROM STDIN") as copy:
+        for _ in range(count):
+            await copy.write_row((BODY,))
+
+
+async def lease_batch_delete(url: str, count: int) -> float:
+    table = f"bench_pg_lease_{uuid.uuid4().hex[:8]}"
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    try:
+        await _fill(conn, table, count)
+        claim = (
+            f"UPDATE {table} SET leased_until = now() + interval '30 seconds' "
+            f"WHERE id IN (SELECT id FROM {table} "
+            "WHERE leased_until IS NULL OR leased_until < now() "
+            f"ORDER BY id LIMIT {BATCH} FOR UPDATE SKIP LOCKED) RETURNING id, body"
+        )
+        delete = f"DELETE FROM {table} WHERE id = ANY(%s)"
+        handled = 0
+        started = time.perf_counter()
+        while True:
+            cursor = await conn.execute(claim)
+            rows = await cursor.fetchall()
+            if not rows:
+                break
+            await asyncio.gather(*(noop(body) for _, body in rows))
+            await conn.execute(delete, ([row[0] for row in rows],))
+            handled += len(rows)
+        elapsed = time.perf_counter() - started
+        assert handled == count, handled
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.close()
+    return count / elapsed
+
+
+async def delete_in_transaction(url: str, count: int) -> float:
+    table = f"bench_pg_tx_{uuid.uuid4().hex[:8]}"
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    try:
+        await _fill(conn, table, count)
+        await conn.set_autocommit(False)
+        select = f"SELECT id, body FROM {table} ORDER BY id LIMIT {BATCH} FOR UPDATE SKIP LOCKED"
+        delete = f"DELETE FROM {table} WHERE id = ANY(%s)"
+        handled = 0
+        started = time.perf_counter()
+        while True:
+            async with conn.transaction():
+                cursor = await conn.execute(select)
+                rows = await cursor.fetchall()
+                if rows:
+                    await asyncio.gather(*(noop(body) for _, body in rows))
+                    await conn.execute(delete, ([row[0] for row in rows],))
+            if not rows:
+                break
+            handled += len(rows)
+        elapsed = time.perf_counter() - started
+        assert handled == count, handled
+    finally:
+        await conn.set_autocommit(True)
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.close()
+    return count / elapsed
+
+
+async def _filled_broker(url: str, count: int) -> PostgresBroker:
+    broker = PostgresBroker(url, prefix=f"bench_pg_{uuid.uuid4().hex[:8]}_")
+    await broker.connect()
+    for start in range(0, count, 1000):
+        await broker.publish("jobs", [OutgoingMessage(BODY)] * min(1000, count - start))
+    return broker
+
+
+async def _drop(url: str, broker: PostgresBroker) -> None:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(
+            f"DROP TABLE IF EXISTS {broker.messages_table}, {broker.dead_letters_table}".encode()
+        )
+
+
+async def headrace_worker(url: str, count: int, concurrency: int) -> float:
+    broker = await _filled_broker(url, count)
+    try:
+        worker = Worker(broker)
+        handled = 0
+
+        @worker.handler("jobs", concurrency=concurrency)
+        async def handle(message: Message) -> None:
+            nonlocal handled
+            handled += 1
+            if handled == count:
+                worker.stop()
+
+        started = time.perf_counter()
+        stats = await worker.run(handle_signals=False)
+        elapsed = time.perf_counter() - started
+        assert stats.acked == count, stats
+    finally:
+        await broker.close()
+        await _drop(url, broker)
+    return count / elapsed
+
+
+async def headrace_fetch_ack(url: str, count: int) -> float:
+    broker = await _filled_broker(url, count)
+    try:
+        handled = 0
+        started = time.perf_counter()
+        while handled < count:
+            batch = await broker.fetch("jobs", BATCH, timeout=1.0, lease=30.0)
+            await asyncio.gather(*(noop(message) for message in batch))
+            handled += len(batch)
+            await broker.ack(batch)
+        elapsed = time.perf_counter() - started
+        assert handled == count, handled
+    finally:
+        await broker.close()
+        await _drop(url, broker)
+    return count / elapsed
+
+
+Contender = tuple[str, Callable[[], Awaitable[float]]]
+
+BASELINES = ("hand-written lease + batch delete", "hand-written SKIP LOCKED delete-in-tx")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--messages", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="10k messages instead of 50k")
+    parser.add_argument("--url", default=URL)
+    parser.add_argument(
+        "--only", action="append", default=None, help="extra contenders whose name has this"
+    )
+    arguments = parser.parse_args()
+    count = arguments.messages or (10_000 if arguments.quick else 50_000)
+    rounds = max(5, arguments.rounds)
+    url = arguments.url
+    contenders: list[Contender] = [
+        (BASELINES[0], lambda: lease_batch_delete(url, count)),
+        (BASELINES[1], lambda: delete_in_transaction(url, count)),
+        ("headrace c=16", lambda: headrace_worker(url, count, 16)),
+        ("headrace c=100", lambda: headrace_worker(url, count, 100)),
+        ("headrace fetch(100)+ack", lambda: headrace_fetch_ack(url, count)),
+    ]
+    if arguments.only:
+        contenders = [
+            (name, make)
+            for name, make in contenders
+            if name in BASELINES or any(wanted in name for wanted in arguments.only)
+        ]
+    rates: dict[str, list[float]] = {name: [] for name, _ in contenders}
+    # Warm-up: imports, connections, the server's caches.
+    for _name, make in contenders[:1]:
+        asyncio.run(make())
+    for round_number in range(rounds):
+        for name, make in contenders:
+            rate = asyncio.run(make())
+            rates[name].append(rate)
+            print(
+                f"round {round_number + 1} {name:<40} {rate:>10,.0f} msg/s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    print(f"\nB7 postgres: {count:,} messages, no-op handler, {rounds} interleaved rounds")
+    print(f"{'contender':<40}{'median msg/s':>14}{'vs lease+delete':>17}{'vs delete-in-tx':>17}")
+    table: list[dict[str, object]] = []
+    for name, _ in contenders:
+        mine = rates[name]
+        ratios = {
+            baseline: statistics.median(a / b for a, b in zip(mine, rates[baseline], strict=True))
+            for baseline in BASELINES
+        }
+        print(
+            f"{name:<40}{statistics.median(mine):>14,.0f}"
+            f"{ratios[BASELINES[0]]:>16.2f}x{ratios[BASELINES[1]]:>16.2f}x"
+        )
+        table.append(
+            {
+                "contender": name,
+                "rates": mine,
+                "median_rate": statistics.median(mine),
+                "median_ratio_vs": ratios,
+            }
+        )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps({"messages": count, "rounds": rounds, "results": table}, indent=2)
+    )
+    print(f"\nwrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
