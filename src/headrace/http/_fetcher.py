@@ -134,12 +134,15 @@ class Fetcher:
     (``ResourceWarning``).
 
     Measured here (B6 in ``benchmarks/http_fanout.py``: 5,000 GETs of 2 KB, concurrency 100,
-    server in its own process): exactly 100 TCP connections accepted, like
-    aiohttp + semaphore; 0.93-1.0x its requests per second and 1.04-1.10x its client
-    CPU per request (the price of the Request/Response objects, the retry budget and
-    the statistics, about 4-6 us of Python a request on a 2 KB GET); 15-25x httpx 0.28
-    + semaphore, whose 20-connection keep-alive cap churned up to 268 connections; 3x a
-    client per request (1,000 connections, as many sockets left in TIME-WAIT)::
+    server in its own process, 7 interleaved rounds): exactly 100 TCP connections
+    accepted, like aiohttp + semaphore; ``fetch_all`` 1.38x its requests per second
+    (every round 1.14-1.71x) at 0.71x its client CPU per request, 500 concurrent
+    ``fetch`` callers 1.20x (1.05-1.52x) at 0.87x. What pays for the Request/Response
+    objects, retries and statistics: one loop timer for all ``total`` timeouts, slots
+    that need no ``getpid()``, 64 KiB socket reads that never ``mmap``, one worker per
+    connection (``docs/decisions.md``, HTTP). 22-24x httpx 0.28 + semaphore, whose
+    20-connection keep-alive cap churned up to 106 connections; 3.3-3.7x a client per
+    request (1,000 connections, as many sockets left in TIME-WAIT)::
 
         async with Fetcher(concurrency=100, per_host=20, rate_limit=50.0) as fetcher:
             async for result in fetcher.fetch_all(urls):

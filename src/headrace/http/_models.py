@@ -124,8 +124,9 @@ class Timeouts:
     timer cost about 15 % of B6's throughput on 2 KB bodies; set it for large downloads
     and :meth:`Fetcher.stream`, where there is no ``total``.
 
-    ``connect``, ``read`` and ``total`` run on the event loop's clock (aiohttp's timers),
-    which is what :class:`~headrace.MonotonicClock` reads; ``slot_wait`` and retry
+    ``connect``, ``read`` and ``total`` run on the event loop's clock (aiohttp's timers
+    for the first two, one loop timer per fetcher for ``total``), which is what
+    :class:`~headrace.MonotonicClock` reads; ``slot_wait`` and retry
     backoff go through the fetcher's ``clock``.
     """
 
