@@ -46,11 +46,14 @@ ACK_BATCH = 100  # the Worker's default: handled-but-unacked messages at a kill 
 PREFETCH = max(0, ACK_BATCH - CONCURRENCY)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, isolated broker URL: a new SQLite file, or a new Redis key prefix."""
+    """A fresh, isolated broker URL: a new SQLite file, Redis key prefix or table prefix."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'broker.db'}"
+        return
+    if request.param == "postgres":
+        yield from _postgres_url(request)
         return
     base = request.getfixturevalue("redis_url")
     prefix = f"hr-reliability-{uuid.uuid4().hex[:8]}:"
@@ -62,6 +65,16 @@ def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+def _postgres_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    import psycopg
+
+    base = request.getfixturevalue("postgres_url")
+    prefix = f"hr_reliability_{uuid.uuid4().hex[:8]}_"
+    yield f"{base}?prefix={prefix}"
+    with psycopg.connect(base, autocommit=True) as connection:
+        connection.execute(f"DROP TABLE IF EXISTS {prefix}messages, {prefix}dead_letters")
 
 
 def run(coro: Any) -> Any:
