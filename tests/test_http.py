@@ -46,6 +46,7 @@ from headrace.http import (
 )
 from headrace.http._deadlines import EXPIRED, AttemptDeadlines
 from headrace.http._models import get_request, new_response, new_result, status_error
+from headrace.http._retrying import next_delay
 from headrace.http._slots import Slots
 from http_server import HttpTestServer
 
@@ -344,18 +345,16 @@ def test_retry_decision(
 ) -> None:
     """The wait before a retry is max(backoff, Retry-After), within max_retry_after."""
     policy = Retry(max_attempts=3, initial_delay=0.1, jitter="none")
-    fetcher = Fetcher(retry=policy, max_retry_after=60)
     error = _status(status, retry_after)
-    assert fetcher._next_delay(policy, None, error, failures, fetcher._clock.now()) == expected
+    assert next_delay(policy, None, error, failures, 0.0, max_retry_after=60.0) == expected
 
 
 def test_retry_budget_can_veto_a_retry() -> None:
     """An exhausted RetryBudget stops retries even when the policy would retry."""
     policy = Retry(max_attempts=3, initial_delay=0.1, jitter="none")
-    fetcher = Fetcher(retry=policy)
     empty = RetryBudget(ratio=0.0, min_per_second=0.0)
     error = _status(503, None)
-    assert fetcher._next_delay(policy, empty, error, 1, fetcher._clock.now()) is None
+    assert next_delay(policy, empty, error, 1, 0.0, max_retry_after=60.0) is None
 
 
 # -- against the local server --------------------------------------------------------------

@@ -12,10 +12,9 @@ does not import this module (nor aiohttp); import ``headrace.http`` yourself::
             print(result.request.url, result.response.status if result.ok else result.error)
 """
 
+from ._admission import SupportsAcquire as SupportsAcquire
 from ._fanout import ResultStream as ResultStream
-from ._fetcher import DEFAULT_RETRY as DEFAULT_RETRY
 from ._fetcher import Fetcher as Fetcher
-from ._fetcher import SupportsAcquire as SupportsAcquire
 from ._models import IDEMPOTENT_METHODS as IDEMPOTENT_METHODS
 from ._models import RETRYABLE_STATUSES as RETRYABLE_STATUSES
 from ._models import FetcherStatistics as FetcherStatistics
@@ -25,6 +24,7 @@ from ._models import Result as Result
 from ._models import Timeouts as Timeouts
 from ._models import parse_retry_after as parse_retry_after
 from ._models import redact_url as redact_url
+from ._retrying import DEFAULT_RETRY as DEFAULT_RETRY
 from ._transport import StreamResponse as StreamResponse
 
 __all__ = [

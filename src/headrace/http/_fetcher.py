@@ -5,13 +5,19 @@ GETs die of port exhaustion when every request opens its own connection. Three t
 keep the number of sockets at the concurrency limit: one shared connection pool whose
 size equals the concurrency, a bounded set of long-lived workers instead of one task per
 URL, and reading (or deliberately closing) every body so that each connection goes back
-to the pool. This module does all three and counts what happened.
+to the pool. The fetcher does all three and counts what happened.
 
-Slots: a request first waits for the per-host rate limiter (if any), then for a slot on
-its host (``per_host``) and a global slot (``concurrency``). Only then does the
-``total`` timeout start, so queueing never eats into a request's own time; the wait for
-the slots has its own bound, ``Timeouts.slot_wait``. aiohttp's connector gets the same
-limits, so it never has to queue itself.
+This module holds the class, its lifecycle and its public methods, with the hot path
+(:meth:`Fetcher._execute`: one request and its retries) written out in one piece. The
+rest of its methods come from base classes, one module per concept, so that they work
+on the fetcher's own attributes (a helper object would cost a lookup per use on the
+per-request path):
+
+* ``_statistics``: the counters and :meth:`Fetcher.statistics`;
+* ``_admission``: the rate limit and the connection slots a request waits for;
+* ``_attempt``: one attempt, reading or discarding its body, the errors it becomes.
+
+``_retrying`` decides whether and when to try again (a pure function).
 """
 
 from __future__ import annotations
@@ -24,72 +30,50 @@ import weakref
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
-    Awaitable,
     Callable,
     Iterable,
     Mapping,
 )
 from contextlib import asynccontextmanager
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import aiohttp
 
-from .._cancel import deadline
 from .._clock import Clock, MonotonicClock, default_clock
 from .._errors import (
     ClosedResourceError,
     ConfigurationError,
-    DeadlineExceeded,
     HeadraceError,
     InternalError,
 )
 from .._hedge import HedgePolicy
-from .._ratelimit import KeyedLimiter, TokenBucket
 from .._retry import Retry, RetryBudget
-from ._deadlines import EXPIRED, AttemptDeadlines
+from ._admission import RateLimit, limiter_lookup
+from ._attempt import NO_BODY_STATUSES, AttemptMixin
+from ._deadlines import AttemptDeadlines
 from ._fanout import ResultStream, coerce_request
 from ._models import (
     RETRYABLE_STATUSES,
-    FetcherStatistics,
     Request,
     Response,
     Result,
     Timeouts,
     get_request,
-    new_response,
     parse_retry_after,
     redact_url,
     status_error,
 )
+from ._retrying import DEFAULT_RETRY, HEDGEABLE, next_delay
 from ._slots import Slots
+from ._statistics import count
 from ._transport import (
-    READ_CHUNK,
     CountingConnector,
     Prepared,
     StreamResponse,
-    body_too_large,
     translate,
 )
 
-__all__ = ["DEFAULT_RETRY", "Fetcher", "SupportsAcquire"]
-
-#: Three tries, 0.1 s doubling up to 5 s, full jitter: enough to ride out a blip or a
-#: 429 without tripling the load on a service that is really down (the budget caps that).
-DEFAULT_RETRY = Retry(max_attempts=3, initial_delay=0.1, max_delay=5.0)
-
-_NO_BODY_STATUSES = frozenset({204, 304})
-# Reads only: a hedge duplicates the request, so only methods without effects qualify.
-_HEDGEABLE = frozenset({"GET", "HEAD"})
-
-
-@runtime_checkable
-class SupportsAcquire(Protocol):
-    """Anything with ``await acquire()`` that waits for permission (``TokenBucket`` fits)."""
-
-    def acquire(self) -> Awaitable[Any]: ...
-
-
-RateLimit = SupportsAcquire | KeyedLimiter[str, Any] | Callable[[str], SupportsAcquire] | float
+__all__ = ["Fetcher"]
 
 
 class _State(enum.Enum):
@@ -98,7 +82,7 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-class Fetcher:
+class Fetcher(AttemptMixin):
     """Bounded, pooled, rate-limited HTTP client for fanning out many requests.
 
     One aiohttp ``ClientSession`` whose connection pool holds at most
@@ -204,7 +188,7 @@ class Fetcher:
         self._default_headers = dict(headers) if headers else None
         self._clock = clock or default_clock()
         self._retry_budget = retry_budget
-        self._limiter_for = self._make_limiter_lookup(rate_limit, self._clock)
+        self._limiter_for = limiter_lookup(rate_limit, self._clock)
         self._rate_limited = rate_limit is not None
         # No limiter and no per-host limit: a free global slot is all a request needs.
         self._fast_slots = rate_limit is None and self.per_host is None
@@ -238,51 +222,7 @@ class Fetcher:
         self._host_slots: dict[str, Slots] = {}
         self._streams: weakref.WeakSet[ResultStream] = weakref.WeakSet()
 
-        self._requests = 0
-        self._attempts = 0
-        self._retries = 0
-        self._responses = 0
-        self._discarded = 0
-        self._bytes = 0
-        self._in_flight = 0
-        self._waiting = 0
-        # Plain dicts, not Counters: ``counter[key] += 1`` on a Counter cost about twice
-        # a dict's on every request (see _count).
-        self._errors: dict[str, int] = {}
-        self._statuses: dict[int, int] = {}
-
-    # -- configuration helpers ------------------------------------------------------
-
-    @staticmethod
-    def _make_limiter_lookup(
-        rate_limit: RateLimit | None, clock: Clock
-    ) -> Callable[[str], SupportsAcquire | None]:
-        if rate_limit is None:
-            return lambda host: None
-        if isinstance(rate_limit, int | float) and not isinstance(rate_limit, bool):
-            if not rate_limit > 0:
-                raise ConfigurationError(
-                    f"Fetcher(rate_limit={rate_limit!r}) must be > 0 requests per second"
-                )
-            rate = float(rate_limit)
-            # Burst 1: "n per second" should mean evenly spaced, not n at once.
-            keyed_buckets: KeyedLimiter[str, TokenBucket] = KeyedLimiter(
-                lambda host: TokenBucket(rate, 1, clock=clock), clock=clock
-            )
-            return keyed_buckets.limiter
-        if isinstance(rate_limit, KeyedLimiter):
-            # Asked on every request, so that it sees the host as in use and can evict
-            # idle hosts' limiters on its own schedule.
-            return rate_limit.limiter
-        if isinstance(rate_limit, SupportsAcquire):
-            shared = rate_limit
-            return lambda host: shared
-        if callable(rate_limit):
-            return _per_host(rate_limit)
-        raise ConfigurationError(
-            f"Fetcher(rate_limit={rate_limit!r}) must be requests per second, an object "
-            "with acquire(), a KeyedLimiter, or a callable host -> limiter"
-        )
+        self._init_statistics()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -334,13 +274,6 @@ class Fetcher:
         if self._deadlines is not None:
             self._deadlines.close()
 
-    def _current_task(self) -> asyncio.Task[Any]:
-        # With the loop given, current_task() skips its own loop lookup: 0.1 us instead
-        # of 0.5 us on Python 3.11, once per attempt.
-        task = asyncio.current_task(self._loop)
-        assert task is not None, "Fetcher used outside a task"
-        return task
-
     def _ensure_open(self) -> None:
         if self._state is not _State.OPEN:
             self.open()
@@ -366,26 +299,6 @@ class Fetcher:
             f"state={self._state.value})"
         )
 
-    # -- statistics -----------------------------------------------------------------
-
-    def statistics(self) -> FetcherStatistics:
-        """A snapshot of the counters (see :class:`FetcherStatistics`)."""
-        connector = self._connector
-        return FetcherStatistics(
-            requests=self._requests,
-            attempts=self._attempts,
-            retries=self._retries,
-            responses=self._responses,
-            connections_opened=connector.opened if connector is not None else 0,
-            connections_reused=connector.reused if connector is not None else 0,
-            connections_discarded=self._discarded,
-            bytes_received=self._bytes,
-            errors=dict(self._errors),
-            statuses=dict(self._statuses),
-            in_flight=self._in_flight,
-            waiting_for_slot=self._waiting,
-        )
-
     # -- single requests ------------------------------------------------------------
 
     async def fetch(self, request: Request | str) -> Response:
@@ -406,7 +319,7 @@ class Fetcher:
             error = status_error(
                 response, retry_after=parse_retry_after(response.headers.get("Retry-After"))
             )
-            _count(self._errors, error.code)
+            count(self._errors, error.code)
             raise error
         return response
 
@@ -420,12 +333,12 @@ class Fetcher:
         try:
             prepared = Prepared(request)
         except HeadraceError as exc:
-            _count(self._errors, exc.code)
+            count(self._errors, exc.code)
             raise
         idempotent = request.is_idempotent
         policy = self.retry if idempotent else None
         hedge = self.hedge
-        if hedge is not None and not (idempotent and request.method in _HEDGEABLE):
+        if hedge is not None and not (idempotent and request.method in HEDGEABLE):
             hedge = None
         budget = self._retry_budget if policy is not None else None
         if budget is not None:
@@ -489,7 +402,7 @@ class Fetcher:
                                 length is not None
                                 and length <= self.max_body_size
                                 and request.method != "HEAD"
-                                and raw.status not in _NO_BODY_STATUSES
+                                and raw.status not in NO_BODY_STATUSES
                             ):
                                 body = await raw.read()
                             else:
@@ -510,16 +423,18 @@ class Fetcher:
                     response = self._response(prepared, raw, body, started, attempt)
             except HeadraceError as exc:
                 failures += 1
-                delay = self._next_delay(policy, budget, exc, failures, started)
+                delay = next_delay(
+                    policy, budget, exc, failures, self._now() - started, self.max_retry_after
+                )
                 if delay is None:
-                    _count(self._errors, exc.code)
+                    count(self._errors, exc.code)
                     if failures > 1:
                         exc.add_note(f"headrace.http: gave up after {failures} attempts")
                     raise
             else:
                 status = response.status
                 if policy is None or status not in RETRYABLE_STATUSES:
-                    # _count inlined (once per request).
+                    # count inlined (once per request).
                     try:
                         self._statuses[status] += 1
                     except KeyError:
@@ -528,281 +443,14 @@ class Fetcher:
                 failures += 1
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 error = status_error(response, retry_after=retry_after)
-                delay = self._next_delay(policy, budget, error, failures, started)
+                delay = next_delay(
+                    policy, budget, error, failures, self._now() - started, self.max_retry_after
+                )
                 if delay is None:
-                    _count(self._statuses, response.status)
+                    count(self._statuses, response.status)
                     return response
             self._retries += 1
             await self._clock.sleep(delay)
-
-    def _next_delay(
-        self,
-        policy: Retry | None,
-        budget: RetryBudget | None,
-        exc: HeadraceError,
-        failures: int,
-        started: float,
-    ) -> float | None:
-        """Seconds until the next attempt, or ``None`` to give up (pure but for the budget)."""
-        if policy is None or exc.code == "http_slot_timeout":
-            # Waiting again for a slot would stretch slot_wait past what the caller set.
-            return None
-        delay = policy.next_delay(exc, failures, self._now() - started)
-        if delay is None:
-            return None
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None and retry_after > self.max_retry_after:
-            return None
-        if budget is not None and not budget.try_spend():
-            return None
-        return delay
-
-    async def _acquire_slot(self, prepared: Prepared, bounded: bool = True) -> Slots | None:
-        """Wait for the rate limiter, then a host slot and a global slot.
-
-        ``bounded=False`` (fetch_all's workers, whose queueing is by design) waits
-        without ``slot_wait``.
-
-        Returns the host semaphore to release (with the global one) in
-        :meth:`_release_slot`. Inlined rather than an ``async with`` helper: this is the
-        hot path, and a generator-based context manager per request showed in B6.
-        """
-        if self._rate_limited:
-            limiter = self._limiter_for(prepared.host)
-            if limiter is not None:
-                await limiter.acquire()
-        slots = self._slots
-        assert slots is not None
-        host_slots = self._host_slot(prepared.host) if self.per_host is not None else None
-        if (host_slots is None or not host_slots.locked()) and not slots.locked():
-            # Fast path: both free, nothing to wait for, no timer to arm.
-            if host_slots is not None:
-                host_slots.try_acquire()
-            slots.try_acquire()
-            return host_slots
-        self._waiting += 1
-        try:
-            await self._wait_for_slots(
-                prepared, host_slots, slots, self.timeouts.slot_wait if bounded else None
-            )
-        finally:
-            self._waiting -= 1
-        return host_slots
-
-    def _release_slot(self, host_slots: Slots | None) -> None:
-        assert self._slots is not None
-        self._slots.release()
-        if host_slots is not None:
-            host_slots.release()
-
-    async def _wait_for_slots(
-        self,
-        prepared: Prepared,
-        host_slots: Slots | None,
-        slots: Slots,
-        limit: float | None,
-    ) -> None:
-        if limit is None:
-            # No bound: plain waits, no deadline scope (hundreds may queue here at once).
-            if host_slots is None:
-                await slots.acquire()
-                return
-            await host_slots.acquire()
-            try:
-                await slots.acquire()
-            except BaseException:
-                host_slots.release()
-                raise
-            return
-        holding_host = False
-        try:
-            async with deadline(limit, cause="waiting for a connection slot", clock=self._clock):
-                if host_slots is not None:
-                    await host_slots.acquire()
-                    holding_host = True
-                await slots.acquire()
-        except DeadlineExceeded as exc:
-            if holding_host and host_slots is not None:
-                host_slots.release()
-            request = prepared.request
-            raise DeadlineExceeded(
-                f"{request.method} {prepared.url_text}: no connection slot within "
-                f"slot_wait={limit} s (concurrency={self.concurrency}, "
-                f"per_host={self.per_host})",
-                code="http_slot_timeout",
-                public_message="The service is too busy; try again later.",
-                context={
-                    "method": request.method,
-                    "url": prepared.url_text,
-                    "phase": "slot_wait",
-                    "timeout": limit,
-                    "elapsed": exc.elapsed,
-                },
-            ) from exc
-        except BaseException:
-            if holding_host and host_slots is not None:
-                host_slots.release()
-            raise
-
-    def _host_slot(self, host: str) -> Slots:
-        assert self.per_host is not None
-        semaphore = self._host_slots.get(host)
-        if semaphore is None:
-            assert self._loop is not None
-            semaphore = self._host_slots[host] = Slots(self._loop, self.per_host)
-        return semaphore
-
-    async def _attempt(self, prepared: Prepared, started: float, attempt: int) -> Response:
-        """One attempt: slot, request, body. Inlined in :meth:`_execute`; this copy is
-        for the hedged path, which needs an attempt it can start several times."""
-        session = self._session
-        assert session is not None
-        request = prepared.request
-        host_slots = await self._acquire_slot(prepared)
-        self._attempts += 1
-        self._in_flight += 1
-        deadlines = self._deadlines
-        # ``total`` starts here, after the slot: queueing is not counted.
-        entry = None if deadlines is None else deadlines.start(self._current_task())
-        try:
-            try:
-                raw = await session.request(
-                    request.method, prepared.url, headers=request.headers, data=prepared.data
-                )
-            except BaseException as exc:
-                error = self._request_failed(exc, prepared, started, attempt, entry)
-                if error is exc:
-                    raise
-                raise error from exc
-            try:
-                body = await self._read_body(raw, prepared)
-            except BaseException as exc:
-                self._discard(raw)
-                error = self._body_failed(exc, prepared, started, attempt, entry)
-                if error is exc:
-                    raise
-                raise error from exc
-        finally:
-            if entry is not None:
-                deadlines.finish(entry)  # type: ignore[union-attr]
-            self._in_flight -= 1
-            self._release_slot(host_slots)
-        return self._response(prepared, raw, body, started, attempt)
-
-    def _request_failed(
-        self,
-        exc: BaseException,
-        prepared: Prepared,
-        started: float,
-        attempt: int,
-        entry: list[Any] | None,
-    ) -> BaseException:
-        """What to raise when sending the request or waiting for its headers failed."""
-        if entry is not None and entry[2] == EXPIRED:
-            assert self._deadlines is not None
-            if self._deadlines.settle_expired(entry, exc):
-                self._discarded += 1  # aiohttp closes the connection it was waiting on
-                return self._total_timeout(prepared, started, attempt)
-        if isinstance(exc, aiohttp.ClientError):
-            return translate(exc, prepared, self.timeouts)
-        if isinstance(exc, TimeoutError) and not isinstance(exc, HeadraceError):
-            self._discarded += 1  # aiohttp closes the connection it was waiting on
-            return self._total_timeout(prepared, started, attempt)
-        if isinstance(exc, asyncio.CancelledError):
-            self._discarded += 1  # likewise (a lost hedge, a cancelled caller)
-        return exc
-
-    def _body_failed(
-        self,
-        exc: BaseException,
-        prepared: Prepared,
-        started: float,
-        attempt: int,
-        entry: list[Any] | None,
-    ) -> BaseException:
-        """What to raise when reading the body failed (the response is already closed)."""
-        if entry is not None and entry[2] == EXPIRED:
-            assert self._deadlines is not None
-            if self._deadlines.settle_expired(entry, exc):
-                return self._total_timeout(prepared, started, attempt)
-        if isinstance(exc, aiohttp.ClientError):
-            return translate(exc, prepared, self.timeouts)
-        if isinstance(exc, TimeoutError) and not isinstance(exc, HeadraceError):
-            # aiohttp's total timer also covers the body and raises a bare TimeoutError.
-            return self._total_timeout(prepared, started, attempt)
-        return exc
-
-    def _response(
-        self,
-        prepared: Prepared,
-        raw: aiohttp.ClientResponse,
-        body: bytes,
-        started: float,
-        attempt: int,
-    ) -> Response:
-        self._responses += 1
-        self._bytes += len(body)
-        request = prepared.request
-        return new_response(
-            request,
-            raw.status,
-            raw.reason or "",
-            raw.headers,
-            body,
-            # The URL we asked for, unless redirects took us elsewhere (saves a str()).
-            str(raw.url) if raw.history else request.url,
-            self._now() - started,
-            attempt,
-        )
-
-    def _total_timeout(self, prepared: Prepared, started: float, attempt: int) -> DeadlineExceeded:
-        request = prepared.request
-        total = self.timeouts.total
-        return DeadlineExceeded(
-            f"{request.method} {prepared.url_text}: no complete response within total={total} s",
-            code="http_timeout",
-            public_message="An upstream service took too long.",
-            context={
-                "method": request.method,
-                "url": prepared.url_text,
-                "phase": "total",
-                "timeout": total,
-                # Since the first attempt started (the hot path reads the clock once).
-                "elapsed": self._now() - started,
-                "attempt": attempt,
-            },
-        )
-
-    async def _read_body(self, response: aiohttp.ClientResponse, prepared: Prepared) -> bytes:
-        """Read the whole body within ``max_body_size``; the caller maps errors and closes
-        the response if this raises."""
-        if prepared.request.method == "HEAD" or response.status in _NO_BODY_STATUSES:
-            response.release()
-            return b""
-        limit = self.max_body_size
-        length = response.content_length
-        if length is not None:
-            if length > limit:
-                raise body_too_large(prepared, limit, length)
-            return await response.read()
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            chunk = await response.content.read(READ_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limit:
-                raise body_too_large(prepared, limit, size)
-            chunks.append(chunk)
-        response.release()
-        return b"".join(chunks)
-
-    def _discard(self, response: aiohttp.ClientResponse) -> None:
-        # Counted even when aiohttp already closed it (its read() closes on cancel):
-        # either way the connection was thrown away instead of going back to the pool.
-        self._discarded += 1
-        response.close()
 
     # -- streaming one body -----------------------------------------------------------
 
@@ -823,7 +471,7 @@ class Fetcher:
         try:
             prepared = Prepared(coerce_request(request))
         except HeadraceError as exc:
-            _count(self._errors, exc.code)
+            count(self._errors, exc.code)
             raise
         req = prepared.request
         host_slots = await self._acquire_slot(prepared)
@@ -840,10 +488,10 @@ class Fetcher:
                 )
             except aiohttp.ClientError as exc:
                 error = translate(exc, prepared, self.timeouts)
-                _count(self._errors, error.code)
+                count(self._errors, error.code)
                 raise error from exc
             self._responses += 1
-            _count(self._statuses, response.status)
+            count(self._statuses, response.status)
             handle = StreamResponse(response, prepared, self.max_body_size)
             try:
                 yield handle
@@ -854,26 +502,6 @@ class Fetcher:
         finally:
             self._in_flight -= 1
             self._release_slot(host_slots)
-
-    async def _finish(self, response: aiohttp.ClientResponse, handle: StreamResponse) -> None:
-        """Drain a small unread rest so the connection is reused; close on a large one."""
-        self._bytes += handle._consumed
-        length = response.content_length
-        if length is not None and length - handle._consumed > self.drain_limit:
-            self._discard(response)
-            return
-        drained = 0
-        try:
-            while drained <= self.drain_limit:
-                chunk = await response.content.read(READ_CHUNK)
-                if not chunk:
-                    response.release()
-                    return
-                drained += len(chunk)
-        except BaseException:
-            self._discard(response)
-            raise
-        self._discard(response)
 
     # -- fan-out ----------------------------------------------------------------------
 
@@ -926,7 +554,7 @@ class Fetcher:
             failure = status_error(
                 response, retry_after=parse_retry_after(response.headers.get("Retry-After"))
             )
-            _count(self._errors, failure.code)
+            count(self._errors, failure.code)
             return Result(index, request, response, failure)
         return Result(index, request, response, None)
 
@@ -937,26 +565,5 @@ class Fetcher:
             f"unexpected {type(exc).__name__} fetching {request!r}: {exc}",
             context={"method": request.method, "url": redact_url(request.url)},
         )
-        _count(self._errors, error.code)
+        count(self._errors, error.code)
         return Result(index, request, None, error)
-
-
-def _count(counts: dict[Any, int], key: Any) -> None:
-    try:
-        counts[key] += 1
-    except KeyError:
-        counts[key] = 1
-
-
-def _per_host(
-    factory: Callable[[str], SupportsAcquire],
-) -> Callable[[str], SupportsAcquire | None]:
-    limiters: dict[str, SupportsAcquire] = {}
-
-    def lookup(host: str) -> SupportsAcquire | None:
-        limiter = limiters.get(host)
-        if limiter is None:
-            limiter = limiters[host] = factory(host)
-        return limiter
-
-    return lookup
