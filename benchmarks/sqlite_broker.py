@@ -17,7 +17,8 @@ in one process, each round on a fresh database file:
   the ack inside the next claim's transaction.
 * **thread hop**: the cost of one trivial query run off the loop, through the broker's
   dedicated single-thread executor vs ``asyncio.to_thread`` + a lock (how else one would
-  share one sqlite3 connection): justifies the executor choice in ``sqlite.py``.
+  share one sqlite3 connection): justifies the executor choice in
+  ``brokers/sqlite/_connection.py``.
 
 Prints a table (median msgs/s and median per-round ratio) and writes
 ``benchmarks/results/sqlite_broker.json``.

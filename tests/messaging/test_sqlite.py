@@ -530,9 +530,9 @@ async def test_inline_writes_ask_the_thread_for_checkpoints(
 ) -> None:
     """The loop's connection never checkpoints (that copies the WAL back and fsyncs);
     past the WAL size threshold it asks the broker's thread to, so the WAL stays small."""
-    from headrace.messaging.brokers import sqlite as sqlite_module
+    from headrace.messaging.brokers.sqlite import _connection
 
-    monkeypatch.setattr(sqlite_module, "_CHECKPOINT_WAL_BYTES", 64 << 10)
+    monkeypatch.setattr(_connection, "_CHECKPOINT_WAL_BYTES", 64 << 10)
     path = tmp_path / "jobs.db"
     async with SqliteBroker(path) as broker:
         checkpoints = 0

@@ -1,139 +1,36 @@
-"""The embedded default broker: a SQLite file in WAL mode, shared by local processes.
+"""SqliteBroker: the Broker operations on one SQLite file (see the package doc).
 
-Why SQLite: zero setup, durable, and several worker processes on one machine can share
-one file safely (``BEGIN IMMEDIATE`` serialises the claims; WAL lets readers run during
-a write). Why these choices:
-
-* **One row per message; the lease lives in columns no index covers.** A message is
-  deliverable when ``ready_at <= now`` (index ``(topic, ready_at)``, which also serves
-  delayed retries) and it holds no live lease (``lease_until`` in the past). A claim
-  writes only ``lease_until``/``lease_token``, so it rewrites rows but never moves index
-  entries (measured: about a third of the cost of moving ``ready_at``); a hand-back
-  clears the lease and the message is back at its place in the order. An expired
-  lease needs no reaper: the row is simply deliverable again, and the claim that takes
-  it (still carrying the old token) counts one more attempt. Leased rows sit at the
-  head of the index until acked, so a claim steps over at most the in-flight messages.
-  "No lease" is stored as same-size sentinels rather than NULLs, so a claimed row does
-  not grow and split its page.
-* **Wall-clock time** (``time.time()``, injectable): leases are compared across
-  processes, which do not share a monotonic clock.
-* **Two connections: the loop's, and a dedicated thread's.** Fetches and acks first
-  try the loop's own connection, which never waits for a lock (busy timeout 0) and
-  never checkpoints: when the write lock is free, a claim of 100 commits in well under
-  a millisecond with no thread hop. Running it on the thread instead cost more than the
-  SQL: the hop, and GIL hand-offs that stall the thread for up to the interpreter's 5 ms
-  switch interval while the loop runs handlers (B4, ``benchmarks/worker.py``: 0.67x ->
-  1.1x the hand-written loop). When the lock is busy (another process, our own thread),
-  the operation goes to the thread, which waits ``busy_timeout``; so do publishes,
-  nacks, dead letters, and checkpoints (asked for by the loop's side when the WAL passes
-  ~4 MiB), and everything when ``inline=False``.
-* **Waiting:** an idle ``fetch`` sleeps until the earliest of its timeout, the next
-  delayed message or lease expiry (one indexed read), a publish in this process (an
-  in-process wake-up), or ``poll_interval`` (publishes by other processes).
-* **Batches:** publish is one transaction with ``executemany``; ack is one
-  ``DELETE ... WHERE id IN (...)``. An ack rides in the transaction of the next claim
-  when one is queued or starts within a loop tick (the worker acks a batch as it
-  fetches the next: one commit and one thread hop for both); otherwise the acks that
-  arrived while the thread was busy commit together (group commit). A claim is one
-  ``SELECT`` and one ``UPDATE ... WHERE id IN (...)`` in a ``BEGIN IMMEDIATE``,
-  preceded by a lock-free readiness read unless the previous claim filled its batch.
-
-Bodies are stored as BLOBs, headers as JSON; nothing is pickled. The schema and every
-statement live in :mod:`._sqlite_store` (synchronous, run on the broker's thread); this
-module is the asyncio side: waiting, wake-ups, group commit, cancellation.
+Publish; the fetch path (a claim, inline or on the thread, that also deletes the acks
+waiting for it; a fetch cancelled mid-claim hands the claim back; an idle fetch waits
+for the next due message, a local publish or ``poll_interval``); acks, which ride on
+the next claim or commit together; nack, hand-back, lease extension, dead letters and
+their replay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import math
-import os
 import sqlite3
-import threading
-import time as _time
-import warnings
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from ..._clock import Clock, TimerHandle, default_clock
-from ..._errors import (
-    BrokerError,
-    ClosedResourceError,
-    ConfigurationError,
-    HeadraceError,
-    translate_errors,
-)
-from .._broker import BrokerCapabilities, DeadLetter, Message, OutgoingMessage, TopicStats
-from . import (
+from ...._clock import TimerHandle
+from ...._errors import ClosedResourceError, ConfigurationError, translate_errors
+from ..._broker import DeadLetter, Message, OutgoingMessage, TopicStats
+from .. import (
     check_error_record,
     check_fetch_arguments,
     check_lease,
-    check_max_deliveries,
     check_outgoing,
     check_topic,
 )
-from ._sqlite_store import SqliteStore, encode_headers, new_token
+from ._connection import ERRORS, Abandon, _SqliteConnection
+from ._store import SqliteStore, encode_headers, new_token
+from ._wakeups import LOCAL_LOCK, LOCAL_WAITERS, Waiter, notify_local, wake
 
 __all__ = ["SqliteBroker"]
-
-_T = TypeVar("_T")
-
-logger = logging.getLogger("headrace.messaging.sqlite")
-
-_CAPABILITIES = BrokerCapabilities(
-    handback_costs_attempt=False,
-    counts_attempts=True,
-    ordered=True,
-    delayed_nack=True,
-    lease_extension=True,
-    persistent=True,
-)
-
-_SYNCHRONOUS = ("off", "normal", "full", "extra")
-
-_ERRORS: Mapping[type[BaseException], type[HeadraceError]] = {sqlite3.Error: BrokerError}
-
-
-class _Abandon:
-    """A claim whose fetch was cancelled while it ran: its messages must go back."""
-
-    __slots__ = ("cancelled", "messages", "released")
-
-    def __init__(self) -> None:
-        self.cancelled = False
-        self.released = False
-        self.messages: list[Message] = []
-
-
-class _Waiter:
-    __slots__ = ("future", "loop", "topic")
-
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None], topic: str
-    ) -> None:
-        self.loop = loop
-        self.future = future
-        self.topic = topic
-
-
-# fetches waiting in this process, by database file: a local publish wakes them at once.
-_LOCAL_WAITERS: dict[str, set[_Waiter]] = {}
-_LOCAL_LOCK = threading.Lock()
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-# WAL size at which the inline path asks the thread for a checkpoint (SQLite's automatic
-# checkpoint starts at 1000 pages of 4 KiB).
-_CHECKPOINT_WAL_BYTES = 4 << 20
-# How long that checkpoint waits for other connections (ms) before trying again later.
-_CHECKPOINT_BUSY_MS = 200
 
 # Loop ticks an ack waits for a claim to carry it before it gets a flush job of its own
 # (1 was enough for the worker: 392 of 500 acks got their own transaction, then 1).
@@ -143,12 +40,6 @@ _FLUSH_TICKS = 1
 _AckOutcome = tuple[list["asyncio.Future[None]"], BaseException | None]
 # A claim's messages, when the next one is due, and the acks its transaction committed.
 _ClaimOutcome = tuple[list[Message], float | None, list["asyncio.Future[None]"]]
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    """Another connection holds the lock we need (SQLITE_BUSY / SQLITE_LOCKED)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _settle(acks: list[asyncio.Future[None]], error: BaseException | None) -> None:
@@ -167,24 +58,7 @@ def _settle_acks(job: asyncio.Future[_AckOutcome]) -> None:
         _settle(*job.result())
 
 
-def _notify_local(path_key: str, topic: str) -> None:
-    with _LOCAL_LOCK:
-        waiters = [w for w in _LOCAL_WAITERS.get(path_key, ()) if w.topic == topic]
-    try:
-        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    for waiter in waiters:
-        if waiter.loop is running:
-            _wake(waiter.future)
-        else:
-            try:
-                waiter.loop.call_soon_threadsafe(_wake, waiter.future)
-            except RuntimeError:  # that loop is closed; its fetch is gone
-                pass
-
-
-class SqliteBroker:
+class SqliteBroker(_SqliteConnection):
     """A durable broker in one SQLite file, shared by the processes of one machine.
 
     The embedded default: ``sqlite:///jobs.db`` needs no server, survives restarts and
@@ -229,270 +103,12 @@ class SqliteBroker:
             await broker.ack(batch)
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        max_deliveries: int | None = 20,
-        lease: float = 30.0,
-        poll_interval: float = 0.1,
-        busy_timeout: float = 30.0,
-        synchronous: str = "normal",
-        inline: bool = True,
-        time: Callable[[], float] | None = None,
-        clock: Clock | None = None,
-    ) -> None:
-        max_deliveries = check_max_deliveries(max_deliveries, broker="SqliteBroker")
-        self._lease = check_lease(lease, where="SqliteBroker(lease)")
-        self._poll_interval = check_lease(poll_interval, where="SqliteBroker(poll_interval)")
-        self._busy_timeout = check_lease(busy_timeout, where="SqliteBroker(busy_timeout)")
-        if not isinstance(synchronous, str) or synchronous.lower() not in _SYNCHRONOUS:
-            raise ConfigurationError(
-                f"SqliteBroker(synchronous={synchronous!r}) must be one of "
-                f"{', '.join(_SYNCHRONOUS)}",
-                code="invalid_configuration",
-            )
-        self._synchronous = synchronous.lower()
-        self._path = os.fspath(path)
-        if not self._path:
-            raise ConfigurationError("SqliteBroker(path='') names no file", code="invalid_path")
-        if self._path == ":memory:":
-            self._path_key = f":memory:{id(self)}"
-        else:
-            self._path_key = os.path.realpath(self._path)
-        self._max_deliveries = max_deliveries
-        self._time = time if time is not None else _time.time
-        self._last_wall = -math.inf
-        self._clock = clock if clock is not None else default_clock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headrace-sqlite")
-        self._store = SqliteStore(
-            self._path,
-            busy_timeout=self._busy_timeout,
-            synchronous=self._synchronous,
-            max_deliveries=max_deliveries,
-        )
-        # The loop's own connection: claims and acks run on it at once when the file is
-        # free (no thread hop, no GIL hand-off), and go to the thread when it is not.
-        # ":memory:" is a database per connection, so it has only the thread's.
-        self._inline_store: SqliteStore | None = None
-        if inline and self._path != ":memory:":
-            self._inline_store = SqliteStore(
-                self._path,
-                busy_timeout=0.0,
-                synchronous=self._synchronous,
-                max_deliveries=max_deliveries,
-                inline=True,
-            )
-        # Held while the inline connection is in use (only ever tried, never waited
-        # for: a broker used from a second thread takes the thread path instead).
-        self._inline_lock = threading.Lock()
-        self._inline_commits = 0
-        self._checkpoint_queued = False
-        self._connected = False
-        self._closed = False
-        self._waiters: set[_Waiter] = set()
-        # Guards what the loop and the broker's thread share: the acks waiting for the
-        # thread (the next flush job or claim commits them) and abandoned claims.
-        self._lock = threading.Lock()
-        self._abandoned: set[_Abandon] = set()
-        self._pending_ids: list[int] = []
-        self._pending_acks: list[asyncio.Future[None]] = []
-        self._flush_queued = False
-        # Claims submitted to the thread that have not yet taken the pending acks for
-        # the last time: each one commits the acks queued before it, so an ack needs
-        # no transaction (nor thread hop) of its own while one is armed.
-        self._claims_armed = 0
-        # Topics whose last claim filled its batch (either path: set updates are atomic).
-        self._full_topics: set[str] = set()
-
-    # -- plumbing ---------------------------------------------------------------------
-
-    @property
-    def capabilities(self) -> BrokerCapabilities:
-        """Everything supported, persistent."""
-        return _CAPABILITIES
-
-    @property
-    def path(self) -> str:
-        return self._path
-
-    @property
-    def max_deliveries(self) -> int | None:
-        return self._max_deliveries
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "open" if self._connected else "new"
-        return f"SqliteBroker({self._path!r}, {state})"
-
     async def __aenter__(self) -> SqliteBroker:
         await self.connect()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_connected", False) and not self._closed:
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
-            try:
-                self._executor.submit(self._store.close)
-            except RuntimeError:
-                pass
-            if self._inline_store is not None:
-                self._inline_store.close()
-            self._executor.shutdown(wait=False)
-
-    def _check_open(self, operation: str) -> None:
-        if self._closed:
-            raise ClosedResourceError(
-                f"{operation}() on a closed {self!r}", context={"operation": operation}
-            )
-
-    def _wall(self) -> float:
-        # Never backwards within this broker (NTP steps), so publish order stays order.
-        now = self._time()
-        if now < self._last_wall:
-            now = self._last_wall
-        self._last_wall = now
-        return now
-
-    async def _call(self, operation: str, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run ``fn(*args)`` on the broker's thread, connecting first if needed."""
-        self._check_open(operation)
-        if not self._connected:
-            await self.connect()
-        loop = asyncio.get_running_loop()
-        with translate_errors(
-            _ERRORS,
-            message=lambda exc: f"SQLite {operation}() on {self._path!r} failed: {exc}",
-            context={"operation": operation, "path": self._path},
-        ):
-            return await loop.run_in_executor(self._executor, fn, *args)
-
-    async def connect(self) -> None:
-        """Open the file (WAL mode, schema created if missing); idempotent."""
-        self._check_open("connect")
-        if self._connected:
-            return
-        loop = asyncio.get_running_loop()
-        with translate_errors(
-            _ERRORS,
-            message=lambda exc: f"cannot open SQLite broker {self._path!r}: {exc}",
-            context={"operation": "connect", "path": self._path},
-        ):
-            await loop.run_in_executor(self._executor, self._open_sync)
-        self._connected = True
-
-    def _open_sync(self) -> None:
-        self._store.open()
-        if self._inline_store is not None:
-            self._inline_store.open()
-
-    async def close(self) -> None:
-        """Close the connection and the broker's thread (idempotent).
-
-        A ``fetch`` waiting on this broker raises :class:`~headrace.ClosedResourceError`.
-        Operations already running finish first. Leased messages stay leased until
-        their lease expires (the worker hands them back before closing).
-        """
-        if self._closed:
-            return
-        self._closed = True
-        for waiter in list(self._waiters):
-            _wake(waiter.future)
-        try:
-            if self._connected:
-                # Queued behind the operations already submitted (acks being flushed, a
-                # claim), which still need the connection.
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._executor, self._close_sync)
-        finally:
-            self._executor.shutdown(wait=False)
-
-    def _close_sync(self) -> None:
-        # Claims abandoned by cancelled fetches whose hand-back is not through yet.
-        with self._lock:
-            abandoned = list(self._abandoned)
-        for abandon in abandoned:
-            self._release_sync(abandon)
-        self._store.close()
-        if self._inline_store is not None:
-            with self._inline_lock:
-                self._inline_store.close()
-
-    # -- the inline path ----------------------------------------------------------------
-
-    def _run_inline(self, fn: Callable[..., _T], *args: Any) -> tuple[bool, _T | None]:
-        """Run ``fn(inline_store, *args)`` on the loop's thread if the file's write lock
-        is free right now: ``(True, result)``; ``(False, None)`` when it is busy (another
-        process or our thread holds it), and the caller takes the thread path.
-
-        A claim of 100 is ~0.4 ms of SQLite, less than a thread hop and the GIL
-        hand-offs it costs (B4: 0.67x -> 0.89x the hand-written loop, which runs its
-        SQL on the loop too). The connection never waits for a lock (busy timeout 0)
-        and never checkpoints (see :meth:`_after_inline_write`), so the loop blocks
-        only for the statements themselves."""
-        store = self._inline_store
-        if store is None or store.conn is None or not self._inline_lock.acquire(blocking=False):
-            return False, None
-        try:
-            return True, fn(store, *args)
-        except sqlite3.Error as exc:
-            if not _is_busy(exc):
-                # Not a lock: this connection may be what is broken. The thread's
-                # connection takes over for good, and reports the error if it is real.
-                logger.warning(
-                    "SQLite broker %r: the event loop's connection failed (%s); "
-                    "using the broker's thread only",
-                    self._path,
-                    exc,
-                )
-                self._inline_store = None
-                store.close()
-            return False, None
-        finally:
-            self._inline_lock.release()
-
-    def _after_inline_write(self) -> None:
-        # The inline connection does not checkpoint; this does what SQLite's automatic
-        # checkpoint would (at ~1000 pages of WAL), on the thread, off the loop.
-        self._inline_commits += 1
-        if self._inline_commits % 32 or self._checkpoint_queued:
-            return
-        try:
-            size = os.stat(self._path + "-wal").st_size
-        except OSError:
-            return
-        if size < _CHECKPOINT_WAL_BYTES:
-            return
-        self._checkpoint_queued = True
-        job = asyncio.get_running_loop().run_in_executor(self._executor, self._checkpoint_sync)
-        job.add_done_callback(self._checkpoint_done)
-
-    def _checkpoint_sync(self) -> None:
-        # RESTART, not PASSIVE: a passive checkpoint racing the loop's next commits
-        # never catches up, so the WAL never starts over and grows without end. The
-        # inline writes meanwhile find the lock busy and queue here, behind it. A short
-        # busy timeout: a reader in another process can hold the checkpoint off, and
-        # this thread's queue must not wait for it.
-        conn = self._store.conn
-        if conn is None:
-            return
-        conn.execute(f"PRAGMA busy_timeout = {_CHECKPOINT_BUSY_MS}")
-        try:
-            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {round(self._busy_timeout * 1000)}")
-
-    def _checkpoint_done(self, job: asyncio.Future[None]) -> None:
-        self._checkpoint_queued = False
-        if not job.cancelled() and job.exception() is not None:
-            # The thread's own automatic checkpoints still run; nothing is at stake.
-            logger.debug("SQLite checkpoint of %r failed: %s", self._path, job.exception())
 
     # -- publishing ---------------------------------------------------------------------
 
@@ -519,7 +135,7 @@ class SqliteBroker:
             for message in outgoing
         ]
         ids = await self._call("publish", self._store.publish, rows)
-        _notify_local(self._path_key, topic)
+        notify_local(self._path_key, topic)
         return ids
 
     # -- consuming ----------------------------------------------------------------------
@@ -558,12 +174,12 @@ class SqliteBroker:
     async def _wait(self, topic: str, wake_at: float) -> None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        waiter = _Waiter(loop, future, topic)
+        waiter = Waiter(loop, future, topic)
         handle: TimerHandle | None = None
         if math.isfinite(wake_at):
-            handle = self._clock.call_at(wake_at, lambda: _wake(future))
-        with _LOCAL_LOCK:
-            _LOCAL_WAITERS.setdefault(self._path_key, set()).add(waiter)
+            handle = self._clock.call_at(wake_at, lambda: wake(future))
+        with LOCAL_LOCK:
+            LOCAL_WAITERS.setdefault(self._path_key, set()).add(waiter)
         self._waiters.add(waiter)
         try:
             await future
@@ -571,12 +187,12 @@ class SqliteBroker:
             if handle is not None:
                 handle.cancel()
             self._waiters.discard(waiter)
-            with _LOCAL_LOCK:
-                local = _LOCAL_WAITERS.get(self._path_key)
+            with LOCAL_LOCK:
+                local = LOCAL_WAITERS.get(self._path_key)
                 if local is not None:
                     local.discard(waiter)
                     if not local:
-                        del _LOCAL_WAITERS[self._path_key]
+                        del LOCAL_WAITERS[self._path_key]
 
     async def _claim(
         self, topic: str, limit: int, now: float, lease: float
@@ -585,7 +201,7 @@ class SqliteBroker:
         if not self._connected:
             await self.connect()
         token = new_token()
-        abandon = _Abandon()
+        abandon = Abandon()
         ran, outcome = self._run_inline(
             self._claim_on, topic, limit, now, now + lease, token, abandon, False
         )
@@ -610,7 +226,7 @@ class SqliteBroker:
         future.add_done_callback(self._after_claim)
         try:
             with translate_errors(
-                _ERRORS,
+                ERRORS,
                 message=lambda exc: f"SQLite fetch() on {self._path!r} failed: {exc}",
                 context={"operation": "fetch", "path": self._path, "topic": topic},
             ):
@@ -636,7 +252,7 @@ class SqliteBroker:
         else:
             self._schedule_ack_flush()
 
-    def _release_orphans(self, abandon: _Abandon, future: asyncio.Future[_ClaimOutcome]) -> None:
+    def _release_orphans(self, abandon: Abandon, future: asyncio.Future[_ClaimOutcome]) -> None:
         if abandon.released:
             return
         try:
@@ -644,20 +260,8 @@ class SqliteBroker:
         except RuntimeError:  # closed: _close_sync released it already
             pass
 
-    def _release_sync(self, abandon: _Abandon) -> None:
-        """Hand an abandoned claim's messages back (on the thread; idempotent)."""
-        with self._lock:
-            self._abandoned.discard(abandon)
-            if abandon.released or not abandon.messages or self._store.conn is None:
-                return
-            abandon.released = True
-        try:
-            self._store.release(abandon.messages, None, 0)
-        except Exception:  # the leases expire instead; never lost
-            pass
-
     def _claim_sync(
-        self, topic: str, limit: int, now: float, until: float, token: int, abandon: _Abandon
+        self, topic: str, limit: int, now: float, until: float, token: int, abandon: Abandon
     ) -> _ClaimOutcome:
         return self._claim_on(self._store, topic, limit, now, until, token, abandon, True)
 
@@ -669,7 +273,7 @@ class SqliteBroker:
         now: float,
         until: float,
         token: int,
-        abandon: _Abandon,
+        abandon: Abandon,
         armed: bool,
     ) -> _ClaimOutcome:
         # A thread job is armed (counted in _claims_armed) until its last take of the
@@ -742,7 +346,7 @@ class SqliteBroker:
         if not armed:  # else the claim on its way commits them in its transaction
             self._schedule_ack_flush_soon(loop, _FLUSH_TICKS)
         with translate_errors(
-            _ERRORS,
+            ERRORS,
             message=lambda exc: f"SQLite ack() on {self._path!r} failed: {exc}",
             context={"operation": "ack", "path": self._path},
         ):
@@ -838,7 +442,7 @@ class SqliteBroker:
             ready_at = self._wall() + delay
             await self._call("nack", self._store.release, list(messages), ready_at, 1)
             for topic in {m.topic for m in messages}:
-                _notify_local(self._path_key, topic)
+                notify_local(self._path_key, topic)
 
     async def hand_back(self, messages: Sequence[Message]) -> None:
         """Return fetched-but-unhandled messages at once, to their place in the order,
@@ -847,7 +451,7 @@ class SqliteBroker:
         if messages:
             await self._call("hand_back", self._store.release, list(messages), None, 0)
             for topic in {m.topic for m in messages}:
-                _notify_local(self._path_key, topic)
+                notify_local(self._path_key, topic)
 
     async def extend_lease(self, messages: Sequence[Message], lease: float) -> None:
         """Renew the leases of messages still held by this delivery to ``lease`` s from now."""
@@ -893,5 +497,5 @@ class SqliteBroker:
             "replay_dead_letters", self._store.replay, topic, wanted, self._wall()
         )
         if count:
-            _notify_local(self._path_key, topic)
+            notify_local(self._path_key, topic)
         return count

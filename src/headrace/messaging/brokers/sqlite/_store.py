@@ -1,9 +1,10 @@
-"""The SQLite broker's file, seen from its thread: the schema and every statement.
+"""The SQLite broker's file, seen from one connection: the schema and every statement.
 
-:class:`SqliteStore` is synchronous and owns one ``sqlite3`` connection; only the
-broker's dedicated thread calls it (see :mod:`.sqlite` for the asyncio side and the
-design notes). Keeping the SQL here keeps the async code about waiting, wake-ups and
-group commit, and lets the statements be read (and measured) on their own.
+:class:`SqliteStore` is synchronous and owns one ``sqlite3`` connection; the broker's
+dedicated thread calls it, and so does the event loop for the inline store (see the
+package doc for the design notes, ``_connection`` and ``_broker`` for the asyncio
+side). Keeping the SQL here keeps the async code about waiting, wake-ups and group
+commit, and lets the statements be read (and measured) on their own.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from ..._errors import BrokerError
-from .._broker import DeadLetter, Message, TopicStats
-from . import max_deliveries_record
+from ...._errors import BrokerError
+from ..._broker import DeadLetter, Message, TopicStats
+from .. import max_deliveries_record
 
 __all__ = ["SqliteStore", "encode_headers", "new_token"]
 
@@ -95,10 +96,10 @@ def _marks(count: int) -> str:
 class SqliteStore:
     """Every statement of the SQLite broker, run by one thread on one connection.
 
-    Not thread-safe and never touched by the event loop: :class:`.sqlite.SqliteBroker`
-    calls it only from its own single-thread executor. Times are Unix seconds passed
-    in by the caller (the store never reads a clock). Errors are ``sqlite3`` ones; the
-    broker translates them.
+    Not thread-safe: :class:`~._broker.SqliteBroker` calls the thread's store only from
+    its single-thread executor, and the inline store only under its lock. Times are
+    Unix seconds passed in by the caller (the store never reads a clock). Errors are
+    ``sqlite3`` ones; the broker translates them.
     """
 
     def __init__(
@@ -120,7 +121,7 @@ class SqliteStore:
     def open(self) -> None:
         """Open the file in WAL mode and create the schema if missing (idempotent).
 
-        An ``inline`` store (the event loop's own connection, see :mod:`.sqlite`) opens
+        An ``inline`` store (the event loop's own connection, see ``_connection``) opens
         a file the thread's store already set up: no schema work, and no automatic
         checkpoint, which would copy the WAL back and fsync on the loop's thread."""
         if self.conn is not None:
