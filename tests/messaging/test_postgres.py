@@ -24,6 +24,8 @@ from headrace import BrokerConnectionError, ClosedResourceError, ConfigurationEr
 from headrace.messaging import OutgoingMessage, TopicStats, open_broker
 from headrace.messaging.brokers.postgres import PostgresBroker
 
+from ._apps.tcp_proxy import ChaosProxy
+
 pytestmark = pytest.mark.real_time
 
 Maker = Callable[..., PostgresBroker]
@@ -306,6 +308,35 @@ async def test_killed_connections_fail_one_call_then_recover(
         assert await broker.topic_stats("jobs") == TopicStats("jobs", 0, 0, 0, 0)
 
 
+async def test_a_hung_server_fails_the_statement_after_command_timeout(
+    postgres_url: str, prefix: str
+) -> None:
+    """A server that stops answering (open, silent connections, as a hung server or a
+    partition leaves them): the statement waiting for it fails with a
+    BrokerConnectionError naming command_timeout, close does not hang, and a new
+    broker goes on once the server answers again; nothing was lost."""
+    assert "127.0.0.1:5432" in postgres_url, postgres_url
+    async with ChaosProxy("127.0.0.1", 5432) as proxy:
+        url = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        loop = asyncio.get_running_loop()
+        async with PostgresBroker(url, prefix=prefix, command_timeout=0.5) as broker:
+            await broker.publish("jobs", out(b"a"))
+            outage = asyncio.create_task(proxy.outage(1.5, "blackhole"))
+            await asyncio.sleep(0.05)
+            started = loop.time()
+            with pytest.raises(BrokerConnectionError, match="command_timeout") as caught:
+                await broker.fetch("jobs", 1, timeout=0, lease=30.0)
+            waited = loop.time() - started
+            await outage
+        # Tolerant: the 0.5 s timer plus scheduling on a loaded machine.
+        assert 0.45 <= waited < 1.4, waited
+        assert caught.value.context["operation"] == "fetch"
+        async with PostgresBroker(url, prefix=prefix, command_timeout=0.5) as broker:
+            [message] = await broker.fetch("jobs", 1, timeout=1.0, lease=30.0)
+            assert message.body == b"a"
+            await broker.ack([message])
+
+
 async def test_schema_option_creates_its_schema_and_tables(postgres_url: str) -> None:
     """schema= puts the tables in that schema (created if missing); headers are JSON the
     database can read."""
@@ -352,6 +383,7 @@ def test_url_options_and_open_broker(postgres_url: str) -> None:
         ("postgresql://127.0.0.1/test", {"prefix": "Jobs-"}, "prefix='Jobs-'"),
         ("postgresql://127.0.0.1/test", {"schema": ""}, "schema=''"),
         ("postgresql://127.0.0.1/test", {"poll_interval": 0}, "poll_interval"),
+        ("postgresql://127.0.0.1/test?command_timeout=-1", {}, "command_timeout"),
     ],
 )
 def test_bad_configuration_is_refused_without_the_password(

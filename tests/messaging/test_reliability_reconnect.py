@@ -24,7 +24,9 @@ of attempts, each delay at least the one before, not a hot loop).
 
 The SQLite analogue: another process holds the database's write lock for longer than
 a fetch (and, in one case, longer than the broker's busy timeout); the worker keeps
-going and loses nothing. Focused regressions for the Redis adapter's fixes follow.
+going and loses nothing. PostgreSQL goes through the same proxy (``reset`` and
+``blackhole``; the machine's server is never restarted), its work and LISTEN
+connections cut alike. Focused regressions for the Redis adapter's fixes follow.
 
 Counts are printed (``pytest -s``) for the issue's closing note. Trial counts are
 small for CI; set ``HEADRACE_RELIABILITY_TRIALS`` for more.
@@ -673,3 +675,130 @@ async def test_r4_sqlite_file_locked_by_another_process_loses_nothing(
     else:
         assert 1 <= len(delays) <= 8
         assert delays == sorted(delays)
+
+
+# -- PostgreSQL ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def postgres_target(postgres_url: str) -> Iterator[tuple[str, str]]:
+    """(PostgreSQL URL, fresh table prefix); the prefix's tables are dropped afterwards."""
+    import psycopg
+
+    prefix = f"hr_r4_{uuid.uuid4().hex[:8]}_"
+    yield postgres_url, prefix
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute(f"DROP TABLE IF EXISTS {prefix}messages, {prefix}dead_letters")
+
+
+async def postgres_stored(url: str) -> int:
+    """Messages of 'load' not yet settled (ready, delayed or leased), read directly."""
+    broker: Broker = open_broker(url)
+    await broker.connect()
+    try:
+        return (await broker.topic_stats("load")).stored
+    finally:
+        await broker.close()
+
+
+@pytest.mark.parametrize("trial", range(TRIALS))
+@pytest.mark.parametrize("mode", ["reset", "blackhole"])
+@pytest.mark.timeout(150)
+async def test_r4_postgres_connection_drops_and_outage_lose_nothing(
+    postgres_target: tuple[str, str], tmp_path: Path, mode: str, trial: int
+) -> None:
+    """R4 on PostgreSQL, as on Redis: the work and LISTEN connections cut mid-statement,
+    an outage (refused, or hung: statements then fail after command_timeout), cuts
+    while the worker idles -> every message handled and acked, the worker alive (exit
+    0 on SIGTERM), duplicates within the in-flight window per failure, and the worker
+    noticed the outage and retried without a hot loop."""
+    base, prefix = postgres_target
+    direct = f"{base}?prefix={prefix}"
+    ids = await publish(direct, MESSAGES)
+    effects_path = tmp_path / "effects.db"
+
+    async def settled_and_handled() -> bool:
+        assert worker.process.returncode is None, worker.stderr()[-3000:]
+        if not set(ids) <= {message_id for message_id, _ in effects(effects_path)}:
+            return False
+        return await postgres_stored(direct) == 0
+
+    async with ChaosProxy("127.0.0.1", 5432) as proxy:
+        assert "127.0.0.1:5432" in base, base
+        url = base.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        url += f"?prefix={prefix}&lease={LEASE}&poll_interval=0.5"
+        if mode == "blackhole":
+            # Statements stalled by the hung server time out within the outage.
+            url += "&command_timeout=1&connect_timeout=2"
+        worker = await Worker.start(
+            url,
+            effects_path,
+            "--concurrency",
+            str(CONCURRENCY),
+            "--work-ms",
+            "20",
+            "--lease",
+            str(LEASE),
+            "--ready-after",
+            "200",
+        )
+        try:
+            await worker.wait_ready()
+            for _ in range(CUTS_BEFORE):
+                await asyncio.sleep(0.5)
+                proxy.cut_all()
+            await asyncio.sleep(0.5)
+            start, end = await proxy.outage(OUTAGE, mode)
+            for _ in range(CUTS_AFTER):
+                await asyncio.sleep(0.5)
+                proxy.cut_all()
+            await wait_until(settled_and_handled, 60, "every message handled and acked")
+            idle_cut = 0
+            for _ in range(2):
+                await asyncio.sleep(0.6)
+                idle_cut += proxy.cut_all()
+            more = await publish(direct, EXTRA)
+            ids += more
+            await wait_until(
+                settled_and_handled,
+                60,
+                "the messages published after the idle cuts handled and acked",
+            )
+            code, stats = await worker.stop()
+        finally:
+            await worker.kill()
+    assert code == 0, worker.stderr()[-3000:]
+    rows = effects(effects_path)
+    counts = Counter(message_id for message_id, _ in rows)
+    lost = set(ids) - set(counts)
+    duplicates = sum(n - 1 for n in counts.values())
+    left, dead = await leftovers(direct)
+    # A statement stalled by the hung server fails up to command_timeout + the
+    # connect_timeout of its retry (3 s) after the outage began, maybe after it ended.
+    delays = worker.fetch_failures(start, end + 3)
+    attempts = proxy.attempts_between(start, end)
+    failures = CUTS_BEFORE + 1 + CUTS_AFTER
+    print(
+        f"\nR4 postgres {mode} trial {trial}: published {len(ids)}, handled {len(counts)}, "
+        f"lost {len(lost)}, duplicates {duplicates}, left {left}, dead {dead}; "
+        f"{CUTS_BEFORE}+{CUTS_AFTER} cuts under load, outage {end - start:.2f} s ({mode}), "
+        f"2 cuts while idle ({idle_cut} connections); during the outage {len(delays)} "
+        f"failed fetches (retry delays {delays}), {attempts} connection attempts; "
+        f"ack failures {stats['ack_failures']}; stats {stats}"
+    )
+    assert not lost
+    assert (left, dead) == (0, 0)
+    assert duplicates <= failures * WINDOW
+    assert idle_cut >= 2
+    assert stats["handled"] == len(rows)
+    # The worker noticed the outage (the statement in flight then, a fetch or an ack,
+    # failed), and retried without a hot loop. Unlike on Redis, the delays need not
+    # grow: an ack that got through in between ends a fetch's run of failures.
+    noticed = [
+        text
+        for at, text in worker.log
+        if start <= at <= end + 3 and text.startswith(("fetch from", "ack of"))
+    ]
+    assert noticed
+    assert len(delays) <= 8
+    assert attempts <= 40

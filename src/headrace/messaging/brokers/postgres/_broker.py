@@ -82,7 +82,11 @@ class PostgresBroker(_PostgresConnection):
     worker's ``max_attempts``). ``poll_interval`` (default 1 s) bounds how late an idle
     ``fetch`` sees a message if a notification was lost (the listen connection was
     down); normally a publish from any process wakes it at once (LISTEN/NOTIFY).
-    ``connect_timeout`` (seconds, default 10) bounds each connection attempt; other
+    ``connect_timeout`` (seconds, default 10) bounds each connection attempt;
+    ``command_timeout`` (seconds, default 30; ``None`` for none) is how long a
+    statement may wait for the server's reply before its connection is given up as
+    dead (a hung server or a partition) and the operation fails with
+    :class:`~headrace.BrokerConnectionError`; the next one reconnects. Other
     keyword arguments go to :func:`psycopg.AsyncConnection.connect` (``sslmode``,
     ``application_name``...). ``clock`` paces fetch timeouts and waits; leases and
     delays run on the server's clock.
@@ -248,21 +252,30 @@ class PostgresBroker(_PostgresConnection):
             self._check_open("fetch")
             with self._translated("fetch", topic):
                 conn = await self._work_connection()
-                messages = await self._claim_locked(conn, topic, limit, lease)
-                if messages:
-                    return messages, None
-                try:
-                    cursor = await conn.execute(self._sql.next_due, {"topic": topic})
-                    row = await cursor.fetchone()
-                except psycopg.Error:
-                    # Not worth failing the fetch for: it waits poll_interval instead.
-                    return [], None
-                return [], None if row is None or row[0] is None else float(row[0])
+                return await self._answered(
+                    conn, lambda conn: self._claim_or_next_due(conn, topic, limit, lease)
+                )
         finally:
             self._lock.release()
             if self._pending_acks and self._flush_task is None and not self._closed:
                 # This claim failed before it took them: they need a flush of their own.
                 self._flush_task = asyncio.create_task(self._flush(), name="headrace-pg-ack")
+
+    async def _claim_or_next_due(
+        self, conn: Connection, topic: str, limit: int, lease: float
+    ) -> tuple[list[Message], float | None]:
+        messages = await self._claim_locked(conn, topic, limit, lease)
+        if messages:
+            return messages, None
+        try:
+            cursor = await conn.execute(self._sql.next_due, {"topic": topic})
+            row = await cursor.fetchone()
+        except psycopg.Error:
+            if conn.closed:
+                raise
+            # Not worth failing the fetch for: it waits poll_interval instead.
+            return [], None
+        return [], None if row is None or row[0] is None else float(row[0])
 
     async def _claim_locked(
         self, conn: Connection, topic: str, limit: int, lease: float
@@ -393,15 +406,20 @@ class PostgresBroker(_PostgresConnection):
                 return
             try:
                 with self._translated("ack"):
+                    ids_literal = _int_array(ids)
+
+                    async def delete(conn: Connection) -> None:
+                        await conn.execute(self._sql.delete, {"ids": ids_literal})
+
                     conn = await self._work_connection()
                     try:
-                        await conn.execute(self._sql.delete, {"ids": _int_array(ids)})
+                        await self._answered(conn, delete)
                     except psycopg.OperationalError:
                         if not conn.closed:
                             raise
                         # A connection that died while idle: once more on a fresh one.
                         conn = await self._work_connection()
-                        await conn.execute(self._sql.delete, {"ids": _int_array(ids)})
+                        await self._answered(conn, delete)
             except Exception as exc:
                 _settle(acks, exc)
             except BaseException:

@@ -11,8 +11,11 @@ closes. The :class:`~headrace.messaging.Broker` operations live in ``_broker``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import re
+import socket
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -73,6 +76,15 @@ _FILLFACTOR = 50
 _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,44}")
 
 
+def _shut_down(conn: Connection) -> None:
+    """End ``conn``'s socket in both directions without closing its descriptor, which
+    psycopg still owns: whatever waits on it sees the connection end."""
+    with contextlib.suppress(OSError, psycopg.OperationalError):
+        fd = conn.pgconn.socket
+        with socket.socket(fileno=os.dup(fd)) as duplicate:
+            duplicate.shutdown(socket.SHUT_RDWR)
+
+
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -94,6 +106,7 @@ class _PostgresConnection:
         lease: float = 30.0,
         poll_interval: float = 1.0,
         connect_timeout: float = 10.0,
+        command_timeout: float | None = 30.0,
         clock: Clock | None = None,
         **connect_options: Any,
     ) -> None:
@@ -111,6 +124,7 @@ class _PostgresConnection:
             "max_deliveries": max_deliveries,
             "lease": lease,
             "poll_interval": poll_interval,
+            "command_timeout": command_timeout,
         }
         defaults = _PostgresConnection.__init__.__kwdefaults__ or {}
         # A keyword argument left at its default yields to the URL's value.
@@ -138,6 +152,11 @@ class _PostgresConnection:
             options["poll_interval"], where="PostgresBroker(poll_interval)"
         )
         timeout = check_lease(connect_timeout, where="PostgresBroker(connect_timeout)")
+        self._command_timeout: float | None = (
+            None
+            if options["command_timeout"] is None
+            else check_lease(options["command_timeout"], where="PostgresBroker(command_timeout)")
+        )
         try:
             settings = conninfo_to_dict(libpq_conninfo, **connect_options)
         except psycopg.ProgrammingError as exc:
@@ -218,6 +237,11 @@ class _PostgresConnection:
                 f"{operation}() on a closed {self!r}", context={"operation": operation}
             )
 
+    def _one_line(self, error: BaseException) -> str:
+        """A driver message for our errors and logs: password out, libpq's line breaks
+        and indented hints folded into one line (one log record, one line)."""
+        return " ".join(self._scrub(str(error)).split())
+
     @contextmanager
     def _translated(self, operation: str, topic: str | None = None) -> Iterator[None]:
         """The choke point where psycopg errors become headrace errors (passwords out)."""
@@ -229,8 +253,7 @@ class _PostgresConnection:
         with translate_errors(
             _ERRORS,
             message=lambda error: (
-                f"{where} failed on {self._shown}: {type(error).__name__}: "
-                f"{self._scrub(str(error)).strip()}"
+                f"{where} failed on {self._shown}: {type(error).__name__}: {self._one_line(error)}"
             ),
             context=context,
         ):
@@ -318,12 +341,45 @@ class _PostgresConnection:
             with self._translated(operation, topic):
                 conn = await self._work_connection()
                 try:
-                    return await work(conn)
+                    return await self._answered(conn, work)
                 except psycopg.OperationalError:
                     if not repeatable or not conn.closed or self._closed:
                         raise
                 conn = await self._work_connection()
-                return await work(conn)
+                return await self._answered(conn, work)
+
+    async def _answered(self, conn: Connection, work: Callable[[Connection], Awaitable[_T]]) -> _T:
+        """``work(conn)``, the connection given up if the server has not answered
+        within ``command_timeout`` seconds.
+
+        A hung server or a partition leaves the socket open and silent, and TCP may
+        take many minutes to notice. Cancelling the statement would not help: psycopg
+        then asks the server (the hung one) to cancel it and waits for that. So the
+        socket is shut down instead: the statement fails at once as on a dropped
+        connection, and the next one reconnects.
+        """
+        timeout = self._command_timeout
+        if timeout is None:
+            return await work(conn)
+        expired = False
+
+        def give_up() -> None:
+            nonlocal expired
+            expired = True
+            _shut_down(conn)
+
+        timer = asyncio.get_running_loop().call_later(timeout, give_up)
+        try:
+            return await work(conn)
+        except psycopg.OperationalError as exc:
+            if expired:
+                raise psycopg.OperationalError(
+                    f"no reply from the server within {timeout:g} s (command_timeout); "
+                    "connection given up"
+                ) from exc
+            raise
+        finally:
+            timer.cancel()
 
     # -- waiting ---------------------------------------------------------------------
 
@@ -370,7 +426,7 @@ class _PostgresConnection:
                         "PostgreSQL listen connection of %s failed (%s); idle fetches "
                         "poll every %.2f s until it is back",
                         self._shown,
-                        self._scrub(str(exc)).strip(),
+                        self._one_line(exc),
                         self._poll_interval,
                     )
             finally:

@@ -25,6 +25,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _seconds_or_none(text: str) -> float | None:
+    if text.lower() in ("none", "off", ""):
+        return None
+    return _seconds(text)
+
+
 def _max_deliveries(text: str) -> int | None:
     if text.lower() in ("none", "off", "0", ""):
         return None
@@ -37,6 +43,7 @@ URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "max_deliveries": _max_deliveries,
     "lease": _seconds,
     "poll_interval": _seconds,
+    "command_timeout": _seconds_or_none,
 }
 
 # password=... in a conninfo string or a URL query (quoted values may hold spaces).
