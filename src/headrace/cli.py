@@ -1,7 +1,8 @@
-"""The ``headrace`` command: run a worker, publish messages, inspect queues and dead letters.
+"""The ``headrace`` command: run a worker or a pipeline, publish, inspect queues and dead letters.
 
 ::
 
+    headrace run examples/resend_app.py:pipeline --total 2000
     headrace worker examples/worker_app.py:worker --broker sqlite:///jobs.db
     headrace worker myapp.tasks:worker --exit-when-idle 5
     headrace publish orders '{"id": 1}' '{"id": 2}' --broker sqlite:///jobs.db
@@ -11,8 +12,9 @@
     headrace stats orders emails [--json] [--watch 2]
 
 The broker URL comes from ``--broker`` or the ``HEADRACE_BROKER_URL`` environment
-variable. Exit status: 0 on success and on a clean stop by signal, 1 when an operation
-failed, 2 for a usage error.
+variable. Exit status: 0 on success and on a worker's clean stop by signal, 1 when an
+operation failed, 2 for a usage error; a pipeline stopped by a signal before its end
+exits 128 + the signal's number (130 for Ctrl-C), since its job is not done.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -34,7 +37,7 @@ from ._errors import ConfigurationError, HeadraceError, redact
 if TYPE_CHECKING:
     from .messaging import Broker
 
-__all__ = ["load_worker", "main"]
+__all__ = ["load_pipeline", "load_worker", "main"]
 
 
 def _broker_url(arguments: argparse.Namespace, *, required: bool = True) -> str | None:
@@ -46,20 +49,17 @@ def _broker_url(arguments: argparse.Namespace, *, required: bool = True) -> str 
     return url
 
 
-def load_worker(target: str) -> Any:
-    """Import ``module.path:attribute`` or ``path/to/file.py:attribute`` (default
-    attribute ``worker``); call it if it is a factory rather than a worker."""
-    from .messaging._worker import Worker
-
+def _load_target(target: str, what: str, default_attribute: str) -> Any:
+    """Import ``module.path:attribute`` or ``path/to/file.py:attribute``; the attribute."""
     location, _, attribute = target.partition(":")
-    attribute = attribute or "worker"
+    attribute = attribute or default_attribute
     if location.endswith(".py") or os.sep in location:
         path = Path(location).resolve()
         if not path.is_file():
-            raise ConfigurationError(f"worker target {target!r}: no file {str(path)!r}")
+            raise ConfigurationError(f"{what} target {target!r}: no file {str(path)!r}")
         spec = importlib.util.spec_from_file_location(path.stem, path)
         if spec is None or spec.loader is None:
-            raise ConfigurationError(f"worker target {target!r}: cannot import {str(path)!r}")
+            raise ConfigurationError(f"{what} target {target!r}: cannot import {str(path)!r}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[path.stem] = module
         spec.loader.exec_module(module)
@@ -68,11 +68,19 @@ def load_worker(target: str) -> Any:
             sys.path.insert(0, os.getcwd())
         module = importlib.import_module(location)
     try:
-        found = getattr(module, attribute)
+        return getattr(module, attribute)
     except AttributeError:
         raise ConfigurationError(
-            f"worker target {target!r}: module {module.__name__!r} has no {attribute!r}"
+            f"{what} target {target!r}: module {module.__name__!r} has no {attribute!r}"
         ) from None
+
+
+def load_worker(target: str) -> Any:
+    """Import ``module.path:attribute`` or ``path/to/file.py:attribute`` (default
+    attribute ``worker``); call it if it is a factory rather than a worker."""
+    from .messaging._worker import Worker
+
+    found = _load_target(target, "worker", "worker")
     if not isinstance(found, Worker) and callable(found):
         found = found()
     if not isinstance(found, Worker):
@@ -80,6 +88,75 @@ def load_worker(target: str) -> Any:
             f"worker target {target!r} is a {type(found).__name__}, not a headrace Worker"
         )
     return found
+
+
+async def load_pipeline(target: str) -> Any:
+    """Import ``module.path:attribute`` or ``path/to/file.py:attribute`` (default
+    attribute ``pipeline``): a :class:`~headrace.Pipeline`, or a function that builds
+    one (called without arguments; it may be async, e.g. to open a database first)."""
+    from ._pipeline import Pipeline
+
+    found = _load_target(target, "pipeline", "pipeline")
+    if not isinstance(found, Pipeline) and callable(found):
+        found = found()
+        if asyncio.iscoroutine(found):
+            found = await found
+    if not isinstance(found, Pipeline):
+        raise ConfigurationError(
+            f"pipeline target {target!r} is a {type(found).__name__}, not a headrace Pipeline"
+        )
+    return found
+
+
+async def _run_pipeline(arguments: argparse.Namespace) -> int:
+    """Run a pipeline to its end with progress; SIGINT/SIGTERM cancel it (every stage
+    stops, no task is left) and the command reports how far it got."""
+    pipeline = await load_pipeline(arguments.target)
+    loop = asyncio.get_running_loop()
+    run = asyncio.create_task(
+        pipeline.run(progress=not arguments.no_progress, total=arguments.total),
+        name="headrace run",
+    )
+    stopped_by: list[signal.Signals] = []
+
+    def stop(signum: signal.Signals) -> None:
+        stopped_by.append(signum)
+        run.cancel()
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    for signum in handled:
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        try:
+            statistics = await run
+        except asyncio.CancelledError:
+            if not stopped_by:
+                raise
+            statistics = pipeline.statistics()
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+    for stage in statistics.stages:
+        print(
+            f"  {stage.name}: in {stage.items_in:,}  out {stage.items_out:,}  "
+            f"errors {stage.errors:,}  retries {stage.retries:,}",
+            file=sys.stderr,
+        )
+    rate = statistics.items_out / statistics.elapsed if statistics.elapsed > 0 else 0.0
+    if stopped_by:
+        name = stopped_by[0].name
+        print(
+            f"stopped by {name} after {statistics.items_out:,} item(s) in "
+            f"{statistics.elapsed:.1f} s: the job did not finish",
+            file=sys.stderr,
+        )
+        return 128 + int(stopped_by[0])
+    print(
+        f"done: {statistics.items_out:,} item(s) in {statistics.elapsed:.1f} s "
+        f"({rate:,.0f}/s), {len(statistics.failures):,} skipped",
+        file=sys.stderr,
+    )
+    return 0
 
 
 async def _run_worker(arguments: argparse.Namespace) -> int:
@@ -210,10 +287,18 @@ async def _stats(arguments: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="headrace", description="Run message workers and inspect their queues."
+        prog="headrace",
+        description="Run pipelines and message workers, and inspect their queues.",
     )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser(
+        "run", help="run a Pipeline to its end, with progress (Ctrl-C stops it cleanly)"
+    )
+    run.add_argument("target", help="module:attribute or path/to/file.py:attribute")
+    run.add_argument("--total", type=int, help="items expected at the end (for an ETA)")
+    run.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
     worker = commands.add_parser("worker", help="run a Worker until SIGINT/SIGTERM")
     worker.add_argument("target", help="module:attribute or path/to/file.py:attribute")
@@ -270,9 +355,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=arguments.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    runner = {"worker": _run_worker, "publish": _publish, "dlq": _dlq, "stats": _stats}[
-        arguments.command
-    ]
+    runner = {
+        "run": _run_pipeline,
+        "worker": _run_worker,
+        "publish": _publish,
+        "dlq": _dlq,
+        "stats": _stats,
+    }[arguments.command]
     try:
         return asyncio.run(runner(arguments))
     except HeadraceError as error:
