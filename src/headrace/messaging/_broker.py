@@ -138,6 +138,9 @@ class BrokerCapabilities:
     ``delayed_nack``: ``nack(delay>0)`` holds the message back for ``delay`` seconds.
     ``lease_extension``: ``extend_lease`` works.
     ``persistent``: messages survive a restart of the consumer process.
+    ``max_message_bytes``: the largest message the broker stores, headers included
+    (``None``: no limit below the adapters' own); NATS refuses more than the server's
+    ``max_payload`` (1 MiB by default).
     """
 
     handback_costs_attempt: bool = False
@@ -146,6 +149,7 @@ class BrokerCapabilities:
     delayed_nack: bool = True
     lease_extension: bool = True
     persistent: bool = True
+    max_message_bytes: int | None = None
 
 
 @runtime_checkable
