@@ -205,6 +205,85 @@ async def leftovers(url: str) -> tuple[int, int]:
         await broker.close()
 
 
+@dataclass
+class Chaos:
+    """What :func:`play_chaos` did: the outage's span, the connections cut while the
+    worker idled, the worker's exit code and final statistics, and the effects."""
+
+    start: float
+    end: float
+    idle_cut: int
+    code: int
+    stats: dict[str, Any]
+    rows: list[tuple[str, int]]
+
+    def counted(self, ids: list[str]) -> tuple[Counter[str], set[str], int]:
+        """(handled count per message id, lost ids, duplicate effects)."""
+        counts = Counter(message_id for message_id, _ in self.rows)
+        return counts, set(ids) - set(counts), sum(n - 1 for n in counts.values())
+
+
+async def play_chaos(
+    proxy: ChaosProxy,
+    url: str,
+    effects_path: Path,
+    ids: list[str],
+    *,
+    outage: Any,
+    settled: Any,
+    publish_more: Any,
+) -> tuple[Chaos, Worker]:
+    """Run a worker on ``url`` (through ``proxy``) and play R4's script: cuts under
+    load, ``await outage()`` (returns its (start, end)), more cuts, wait until every
+    message in ``ids`` is handled and ``await settled()``; then cut the idle worker's
+    connections twice, ``ids += await publish_more()``, wait again, SIGTERM."""
+    worker = await Worker.start(
+        url,
+        effects_path,
+        "--concurrency",
+        str(CONCURRENCY),
+        "--work-ms",
+        "20",
+        "--lease",
+        str(LEASE),
+        "--ready-after",
+        "200",
+    )
+
+    async def settled_and_handled() -> bool:
+        assert worker.process.returncode is None, worker.stderr()[-3000:]
+        if not set(ids) <= {message_id for message_id, _ in effects(effects_path)}:
+            return False
+        return bool(await settled())
+
+    try:
+        await worker.wait_ready()
+        for _ in range(CUTS_BEFORE):
+            await asyncio.sleep(0.5)
+            proxy.cut_all()
+        await asyncio.sleep(0.5)
+        start, end = await outage()
+        for _ in range(CUTS_AFTER):
+            await asyncio.sleep(0.5)
+            proxy.cut_all()
+        await wait_until(settled_and_handled, 60, "every message handled and acked")
+        # Idle now: the worker waits for news. Cut that twice, then publish more.
+        idle_cut = 0
+        for _ in range(2):
+            await asyncio.sleep(0.6)
+            idle_cut += proxy.cut_all()
+        ids += await publish_more()
+        await wait_until(
+            settled_and_handled,
+            60,
+            "the messages published after the idle cuts handled and acked",
+        )
+        code, stats = await worker.stop()
+    finally:
+        await worker.kill()
+    return Chaos(start, end, idle_cut, code, stats, effects(effects_path)), worker
+
+
 # -- Redis -----------------------------------------------------------------------------
 
 
@@ -375,15 +454,6 @@ def target(request: pytest.FixtureRequest) -> Target:
     return Target(request.param, url, prefix, 6379)
 
 
-async def redis_settled_and_handled(
-    target: Target, ids: list[str], effects_path: Path, worker: Worker
-) -> bool:
-    assert worker.process.returncode is None, worker.stderr()[-3000:]
-    if not set(ids) <= {message_id for message_id, _ in effects(effects_path)}:
-        return False
-    return (await group_state(target.url, target.prefix)).settled
-
-
 @pytest.mark.parametrize("trial", range(TRIALS))
 @pytest.mark.timeout(150)
 async def test_r4_redis_connection_drops_and_outage_lose_nothing(
@@ -395,7 +465,6 @@ async def test_r4_redis_connection_drops_and_outage_lose_nothing(
     in-flight window per failure, and the fetch retried with backoff meanwhile."""
     mode = target.mode
     ids = await publish(target.broker_url, MESSAGES)
-    effects_path = tmp_path / "effects.db"
     async with ChaosProxy("127.0.0.1", target.port) as proxy:
         proxied = re.sub(r"//[^/]+/", f"//127.0.0.1:{proxy.port}/", target.url)
         url = f"{proxied}?prefix={target.prefix}&lease={LEASE}"
@@ -403,83 +472,51 @@ async def test_r4_redis_connection_drops_and_outage_lose_nothing(
             # Short socket timeouts, so that commands stalled by the hung server time
             # out within the outage (redis-py's default is 5 s).
             url += "&socket_timeout=1&socket_connect_timeout=1"
-        worker = await Worker.start(
-            url,
-            effects_path,
-            "--concurrency",
-            str(CONCURRENCY),
-            "--work-ms",
-            "20",
-            "--lease",
-            str(LEASE),
-            "--ready-after",
-            "200",
-        )
-        try:
-            await worker.wait_ready()
-            for _ in range(CUTS_BEFORE):
-                await asyncio.sleep(0.5)
-                proxy.cut_all()
-            await asyncio.sleep(0.5)
+
+        async def outage() -> tuple[float, float]:
             if target.server is not None:
-                start, end = await target.server.restart(OUTAGE)
-            else:
-                start, end = await proxy.outage(OUTAGE, mode)
-            for _ in range(CUTS_AFTER):
-                await asyncio.sleep(0.5)
-                proxy.cut_all()
-            handled_by_then = len(effects(effects_path))
-            await wait_until(
-                lambda: redis_settled_and_handled(target, ids, effects_path, worker),
-                60,
-                "every message handled and acked",
-            )
-            # Idle now: the worker waits in a blocking read. Cut that twice, then
-            # publish more.
-            idle_cut = 0
-            for _ in range(2):
-                await asyncio.sleep(0.6)
-                idle_cut += proxy.cut_all()
-            more = await publish(target.broker_url, EXTRA)
-            ids += more
-            await wait_until(
-                lambda: redis_settled_and_handled(target, ids, effects_path, worker),
-                60,
-                "the messages published after the idle cuts handled and acked",
-            )
-            code, stats = await worker.stop()
-        finally:
-            await worker.kill()
-    assert code == 0, worker.stderr()[-3000:]
-    rows = effects(effects_path)
-    counts = Counter(message_id for message_id, _ in rows)
-    lost = set(ids) - set(counts)
-    duplicates = sum(n - 1 for n in counts.values())
+                return await target.server.restart(OUTAGE)
+            return await proxy.outage(OUTAGE, mode)
+
+        async def settled() -> bool:
+            return (await group_state(target.url, target.prefix)).settled
+
+        chaos, worker = await play_chaos(
+            proxy,
+            url,
+            tmp_path / "effects.db",
+            ids,
+            outage=outage,
+            settled=settled,
+            publish_more=lambda: publish(target.broker_url, EXTRA),
+        )
+    assert chaos.code == 0, worker.stderr()[-3000:]
+    counts, lost, duplicates = chaos.counted(ids)
     state = await group_state(target.url, target.prefix)
     left, dead = await leftovers(target.broker_url)
-    delays = worker.fetch_failures(start, end)
-    attempts = proxy.attempts_between(start, end)
+    delays = worker.fetch_failures(chaos.start, chaos.end)
+    attempts = proxy.attempts_between(chaos.start, chaos.end)
     failures = CUTS_BEFORE + 1 + CUTS_AFTER
     print(
         f"\nR4 redis {mode} trial {trial}: published {len(ids)}, handled {len(counts)}, "
         f"lost {len(lost)}, duplicates {duplicates}, pending {state.pending}, left {left}, "
         f"dead {dead}; {CUTS_BEFORE}+{CUTS_AFTER} cuts under load, outage "
-        f"{end - start:.2f} s ({mode}, {handled_by_then} handled by {CUTS_AFTER} cuts "
-        f"later), 2 cuts while idle ({idle_cut} connections); during the outage "
-        f"{len(delays)} failed fetches (retry delays {delays}), {attempts} connection "
-        f"attempts; ack failures {stats['ack_failures']}; stats {stats}"
+        f"{chaos.end - chaos.start:.2f} s ({mode}), 2 cuts while idle ({chaos.idle_cut} "
+        f"connections); during the outage {len(delays)} failed fetches (retry delays "
+        f"{delays}), {attempts} connection attempts; ack failures "
+        f"{chaos.stats['ack_failures']}; stats {chaos.stats}"
     )
     assert not lost
     assert state.settled
     assert (left, dead) == (0, 0)
     assert duplicates <= failures * WINDOW
-    assert idle_cut >= 2
+    assert chaos.idle_cut >= 2
     if target.server is not None:
         # The restarted server had no scripts: the worker's fetch loaded them again.
         async with redis.asyncio.Redis.from_url(target.url) as admin:
             errors = await admin.info("errorstats")
         assert errors["errorstat_NOSCRIPT"]["count"] >= 1
-    assert stats["handled"] == len(rows)
+    assert chaos.stats["handled"] == len(chaos.rows)
     # The worker noticed the outage and retried with backoff: a few fetches, each
     # delay at least the one before (0.1, 0.2, 0.4, ... s), not a hot loop.
     assert 1 <= len(delays) <= 8
@@ -715,14 +752,6 @@ async def test_r4_postgres_connection_drops_and_outage_lose_nothing(
     base, prefix = postgres_target
     direct = f"{base}?prefix={prefix}"
     ids = await publish(direct, MESSAGES)
-    effects_path = tmp_path / "effects.db"
-
-    async def settled_and_handled() -> bool:
-        assert worker.process.returncode is None, worker.stderr()[-3000:]
-        if not set(ids) <= {message_id for message_id, _ in effects(effects_path)}:
-            return False
-        return await postgres_stored(direct) == 0
-
     async with ChaosProxy("127.0.0.1", 5432) as proxy:
         assert "127.0.0.1:5432" in base, base
         url = base.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
@@ -730,74 +759,48 @@ async def test_r4_postgres_connection_drops_and_outage_lose_nothing(
         if mode == "blackhole":
             # Statements stalled by the hung server time out within the outage.
             url += "&command_timeout=1&connect_timeout=2"
-        worker = await Worker.start(
+
+        async def settled() -> bool:
+            return await postgres_stored(direct) == 0
+
+        chaos, worker = await play_chaos(
+            proxy,
             url,
-            effects_path,
-            "--concurrency",
-            str(CONCURRENCY),
-            "--work-ms",
-            "20",
-            "--lease",
-            str(LEASE),
-            "--ready-after",
-            "200",
+            tmp_path / "effects.db",
+            ids,
+            outage=lambda: proxy.outage(OUTAGE, mode),
+            settled=settled,
+            publish_more=lambda: publish(direct, EXTRA),
         )
-        try:
-            await worker.wait_ready()
-            for _ in range(CUTS_BEFORE):
-                await asyncio.sleep(0.5)
-                proxy.cut_all()
-            await asyncio.sleep(0.5)
-            start, end = await proxy.outage(OUTAGE, mode)
-            for _ in range(CUTS_AFTER):
-                await asyncio.sleep(0.5)
-                proxy.cut_all()
-            await wait_until(settled_and_handled, 60, "every message handled and acked")
-            idle_cut = 0
-            for _ in range(2):
-                await asyncio.sleep(0.6)
-                idle_cut += proxy.cut_all()
-            more = await publish(direct, EXTRA)
-            ids += more
-            await wait_until(
-                settled_and_handled,
-                60,
-                "the messages published after the idle cuts handled and acked",
-            )
-            code, stats = await worker.stop()
-        finally:
-            await worker.kill()
-    assert code == 0, worker.stderr()[-3000:]
-    rows = effects(effects_path)
-    counts = Counter(message_id for message_id, _ in rows)
-    lost = set(ids) - set(counts)
-    duplicates = sum(n - 1 for n in counts.values())
+    assert chaos.code == 0, worker.stderr()[-3000:]
+    counts, lost, duplicates = chaos.counted(ids)
     left, dead = await leftovers(direct)
     # A statement stalled by the hung server fails up to command_timeout + the
     # connect_timeout of its retry (3 s) after the outage began, maybe after it ended.
-    delays = worker.fetch_failures(start, end + 3)
-    attempts = proxy.attempts_between(start, end)
+    start, noticed_by = chaos.start, chaos.end + 3
+    delays = worker.fetch_failures(start, noticed_by)
+    attempts = proxy.attempts_between(start, chaos.end)
     failures = CUTS_BEFORE + 1 + CUTS_AFTER
     print(
         f"\nR4 postgres {mode} trial {trial}: published {len(ids)}, handled {len(counts)}, "
         f"lost {len(lost)}, duplicates {duplicates}, left {left}, dead {dead}; "
-        f"{CUTS_BEFORE}+{CUTS_AFTER} cuts under load, outage {end - start:.2f} s ({mode}), "
-        f"2 cuts while idle ({idle_cut} connections); during the outage {len(delays)} "
-        f"failed fetches (retry delays {delays}), {attempts} connection attempts; "
-        f"ack failures {stats['ack_failures']}; stats {stats}"
+        f"{CUTS_BEFORE}+{CUTS_AFTER} cuts under load, outage {chaos.end - start:.2f} s "
+        f"({mode}), 2 cuts while idle ({chaos.idle_cut} connections); during the outage "
+        f"{len(delays)} failed fetches (retry delays {delays}), {attempts} connection "
+        f"attempts; ack failures {chaos.stats['ack_failures']}; stats {chaos.stats}"
     )
     assert not lost
     assert (left, dead) == (0, 0)
     assert duplicates <= failures * WINDOW
-    assert idle_cut >= 2
-    assert stats["handled"] == len(rows)
+    assert chaos.idle_cut >= 2
+    assert chaos.stats["handled"] == len(chaos.rows)
     # The worker noticed the outage (the statement in flight then, a fetch or an ack,
     # failed), and retried without a hot loop. Unlike on Redis, the delays need not
     # grow: an ack that got through in between ends a fetch's run of failures.
     noticed = [
         text
         for at, text in worker.log
-        if start <= at <= end + 3 and text.startswith(("fetch from", "ack of"))
+        if start <= at <= noticed_by and text.startswith(("fetch from", "ack of"))
     ]
     assert noticed
     assert len(delays) <= 8
