@@ -13,10 +13,12 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import math
 import time
 import warnings
+import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -82,6 +84,18 @@ _ENDING = frozenset({"404", "408", "409"})
 _PUBLISH_WINDOW = 2000
 # Seconds close() waits for the last pull requests' messages and the final flush.
 _CLOSE_TIMEOUT = 5.0
+
+
+def _weak(owner: Any, method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """``method`` of ``owner`` as a callback that does not keep ``owner`` alive."""
+    ref = weakref.ref(owner)
+
+    async def call(*args: Any) -> None:
+        target = ref()
+        if target is not None:
+            await method(target, *args)
+
+    return call
 
 
 class _Translated:
@@ -382,24 +396,31 @@ class _NatsConnection:
         options: dict[str, Any] = {
             "name": "headrace",
             "allow_reconnect": True,
-            # Keep trying while the server restarts; operations meanwhile fail with
-            # BrokerConnectionError (their timeouts), and the worker backs off.
-            "max_reconnect_attempts": -1,
+            # The first connect tries each server twice and fails (the caller retries);
+            # once connected, see below.
+            "max_reconnect_attempts": 1,
             "reconnect_time_wait": 0.5,
             "connect_timeout": self._request_timeout,
-            "error_cb": self._on_error,
-            "disconnected_cb": self._on_disconnected,
-            "reconnected_cb": self._on_reconnected,
+            "drain_timeout": _CLOSE_TIMEOUT,
+            # Weak: the client must not keep an unclosed broker alive (so it can warn).
+            "error_cb": _weak(self, _NatsConnection._on_error),
+            "disconnected_cb": _weak(self, _NatsConnection._on_disconnected),
+            "reconnected_cb": _weak(self, _NatsConnection._on_reconnected),
         }
         options.update(self._nats_options)
         with self._translated("connect"):
             client = await nats.connect(self._url, **options)
+        if "max_reconnect_attempts" not in self._nats_options:
+            # Connected: keep reconnecting while the server restarts, for ever;
+            # operations meanwhile fail with BrokerConnectionError (their timeouts) and
+            # the worker backs off.
+            client.options["max_reconnect_attempts"] = -1
         try:
             self._inbox = client.new_inbox()
             with self._translated("connect"):
                 await client.subscribe(
                     self._inbox + ".*",
-                    cb=self._on_inbox,
+                    cb=_weak(self, _NatsConnection._on_inbox),
                     pending_msgs_limit=1_000_000,
                     pending_bytes_limit=1 << 30,
                 )
@@ -449,14 +470,19 @@ class _NatsConnection:
                 self._connecting.cancel()
             return
         try:
-            async with asyncio.timeout(_CLOSE_TIMEOUT):
-                for state in self._topics.values():
-                    while state.arrived:
-                        await client.publish(state.arrived.popleft()[0].reply, codec.NAK)
-                    while state.delayed_arrived:
-                        await client.publish(state.delayed_arrived.popleft().reply, codec.NAK)
+            if client.is_connected:
+                # A round trip first: a connection that died unnoticed would hold
+                # drain() for its whole timeout.
+                await client.flush(timeout=max(1, math.ceil(min(self._request_timeout, 2.0))))
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    for state in self._topics.values():
+                        while state.arrived:
+                            await client.publish(state.arrived.popleft()[0].reply, codec.NAK)
+                        while state.delayed_arrived:
+                            msg = state.delayed_arrived.popleft()
+                            await client.publish(msg.reply, codec.NAK)
                 # drain(): stop the subscription, run its callbacks for what already
-                # arrived (they hand it back), flush, close.
+                # arrived (they hand it back), flush, close; bounded by drain_timeout.
                 await client.drain()
         except (nats_errors.Error, OSError, TimeoutError):
             pass
@@ -604,21 +630,24 @@ class _NatsConnection:
         with self._translated(operation, topic):
             for start in range(0, len(items), _PUBLISH_WINDOW):
                 waiters: list[asyncio.Future[bytes]] = []
+                tokens: list[str] = []
+                for subject, body, headers in items[start : start + _PUBLISH_WINDOW]:
+                    token = self._token()
+                    waiter: asyncio.Future[bytes] = loop.create_future()
+                    self._pub_acks[token] = waiter
+                    waiters.append(waiter)
+                    tokens.append(token)
+                    await client.publish(subject, body, reply=token, headers=headers)
                 try:
-                    for subject, body, headers in items[start : start + _PUBLISH_WINDOW]:
-                        token = self._token()
-                        waiter: asyncio.Future[bytes] = loop.create_future()
-                        self._pub_acks[token] = waiter
-                        waiters.append(waiter)
-                        await client.publish(subject, body, reply=token, headers=headers)
-                    async with asyncio.timeout(self._request_timeout):
-                        replies = await asyncio.gather(*waiters)
+                    _done, late = await asyncio.wait(waiters, timeout=self._request_timeout)
                 finally:
-                    for waiter in waiters:
+                    for token, waiter in zip(tokens, waiters, strict=True):
                         if not waiter.done():
                             waiter.cancel()
-                    if len(self._pub_acks) > 0 and any(w.cancelled() for w in waiters):
-                        self._pub_acks = {t: w for t, w in self._pub_acks.items() if not w.done()}
+                            self._pub_acks.pop(token, None)
+                if late:
+                    raise nats_errors.TimeoutError
+                replies = [waiter.result() for waiter in waiters]
                 for reply in replies:
                     ack = codec.pub_ack_decoder.decode(reply)
                     if ack.error is not None:
