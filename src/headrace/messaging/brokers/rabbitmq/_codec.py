@@ -126,8 +126,9 @@ def copy_properties(
     """The properties of a delivered message for a copy of it (a hand-back, a delayed
     retry, a dead letter): the same, less the server's headers, with ``attempts`` and
     ``extra`` headers set."""
-    table = {
-        name: value
+    table: dict[str, Any] = {
+        # pamqp reads a byte array as bytes but writes only bytearray.
+        name: bytearray(value) if isinstance(value, bytes) else value
         for name, value in (properties.headers or {}).items()
         if name not in _HIDDEN
         and not name.startswith(("x-first-death-", "x-last-death-"))

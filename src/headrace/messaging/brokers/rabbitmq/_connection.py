@@ -390,15 +390,24 @@ class _RabbitConnection:
                 f"{operation}() on a closed {self!r}", context={"operation": operation}
             )
 
+    @staticmethod
+    def _is_open(connection: aio_pika.abc.AbstractConnection | None) -> bool:
+        """``connection`` is usable: aio-pika's own flag lags behind aiormq's (it is
+        set by a close callback that runs later), so look at both."""
+        if connection is None or connection.is_closed:
+            return False
+        transport = getattr(connection, "transport", None)
+        return transport is not None and not transport.connection.is_closed
+
     async def _ensure_connection(self) -> aio_pika.abc.AbstractConnection:
         connection = self._connection
-        if connection is not None and not connection.is_closed:
-            return connection
+        if self._is_open(connection):
+            return connection  # type: ignore[return-value]
         async with self._connect_lock:
             self._check_open("connect")
             connection = self._connection
-            if connection is not None and not connection.is_closed:
-                return connection
+            if self._is_open(connection):
+                return connection  # type: ignore[return-value]
             with self._translated("connect"):
                 connection = cast(
                     "aio_pika.abc.AbstractConnection",
@@ -740,18 +749,22 @@ class _RabbitConnection:
                 consumers.append(task.result())
         for consumer in consumers:
             consumer.wake()
-        connection, self._connection = self._connection, None
+        connection = self._connection
         if connection is None:
             return
         try:
-            async with asyncio.timeout(CLEANUP_TIMEOUT):
-                await self._release_buffers(consumers)
-                for consumer in consumers:
-                    if not consumer.raw.is_closed:
-                        await consumer.raw.close()
-        except (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, OSError, TimeoutError):
-            pass
+            if self._is_open(connection):
+                async with asyncio.timeout(CLEANUP_TIMEOUT):
+                    await self._release_buffers(consumers)
+                    for consumer in consumers:
+                        if not consumer.raw.is_closed:
+                            await consumer.raw.close()
+        except Exception as exc:
+            # Best effort: whatever was not handed back returns when the connection
+            # closes (with a delivery counted).
+            logger.warning("handing back buffered messages on close failed: %s", exc)
         finally:
+            self._connection = None
             with self._translated("close"):
                 await connection.close()
 
