@@ -284,6 +284,35 @@ async def test_delayed_nack_keeps_id_and_attempts_outside_ack_pending(make: Make
         await broker.ack([third])
 
 
+async def test_deleted_stream_is_made_again(make: Maker, nats_url: str) -> None:
+    """A topic stream deleted behind the broker's back: the next publish makes it again;
+    a fetch in between fails as BrokerConnectionError once, then works."""
+    async with make(request_timeout=1.0) as broker:
+        await broker.publish("jobs", [OutgoingMessage(b"old")])
+        await broker.fetch("jobs", 1, timeout=1.0, lease=30.0)
+        client = await nats.connect(nats_url)
+        try:
+            await client.jetstream().delete_stream(broker.stream_name("jobs"))
+        finally:
+            await client.close()
+        with pytest.raises(BrokerConnectionError, match="deleted"):
+            await broker.fetch("jobs", 1, timeout=0, lease=30.0)
+        assert await broker.fetch("jobs", 1, timeout=0, lease=30.0) == []
+        await broker.publish("jobs", [OutgoingMessage(b"new")])
+        [message] = await broker.fetch("jobs", 1, timeout=1.0, lease=30.0)
+        assert message.body == b"new"
+        await broker.ack([message])
+        client = await nats.connect(nats_url)
+        try:
+            await client.jetstream().delete_stream(broker.stream_name("jobs"))
+        finally:
+            await client.close()
+        await broker.publish("jobs", [OutgoingMessage(b"newer")])
+        [message] = await broker.fetch("jobs", 1, timeout=1.0, lease=30.0)
+        assert message.body == b"newer"
+        await broker.ack([message])
+
+
 async def test_lease_above_max_lease_is_refused(make: Maker) -> None:
     """fetch and extend_lease refuse a lease longer than max_lease (the AckWait)."""
     async with make(max_lease=60.0) as broker:

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import nats.errors as nats_errors
 from nats.aio.msg import Msg
 
 from ...._errors import BrokerConnectionError, BrokerError, ConfigurationError
@@ -119,7 +120,17 @@ class NatsBroker(_NatsConnection):
             self._check_size(topic, message.body, headers)
             items.append((subject, message.body, headers))
         await self._ensure(state)
-        return [str(sequence) for sequence in await self._publish_many(topic, items)]
+        try:
+            sequences = await self._publish_many(topic, items)
+        except BrokerConnectionError as exc:
+            if not isinstance(exc.__cause__, nats_errors.NoRespondersError):
+                raise
+            # No stream took the subject: it was deleted behind our back. Make it
+            # again and publish once more (nothing was stored by the first try).
+            state.ensured = None
+            await self._ensure(state)
+            sequences = await self._publish_many(topic, items)
+        return [str(sequence) for sequence in sequences]
 
     # -- fetch -----------------------------------------------------------------------
 
@@ -215,9 +226,13 @@ class NatsBroker(_NatsConnection):
                     async with asyncio.timeout(wait):
                         await pull.done
                 except TimeoutError:
+                    # JetStream ignores a pull request for a consumer that does not
+                    # exist: check the stream and consumer again on the next fetch.
+                    state.ensured = None
                     raise BrokerConnectionError(
                         f"nats fetch({state.topic!r}): no answer to a pull request in "
-                        f"{wait:.1f} s on {self._scrub(self._url)}",
+                        f"{wait:.1f} s on {self._scrub(self._url)} (server away, or the "
+                        "stream or consumer deleted: the next fetch makes them again)",
                         context={"topic": state.topic},
                     ) from None
         finally:
