@@ -38,7 +38,6 @@ a write). Why these choices:
   ``SELECT`` and one ``UPDATE ... WHERE id IN (...)`` in a ``BEGIN IMMEDIATE``,
   preceded by a lock-free readiness read unless the previous claim filled its batch.
 
-
 Bodies are stored as BLOBs, headers as JSON; nothing is pickled.
 
 The package splits the adapter by concept:
