@@ -394,3 +394,14 @@ async def test_worker_runs_on_nats(make: Maker) -> None:
         assert (b"7", 2) in seen
         stats = await broker.topic_stats("jobs")
         assert (stats.ready, stats.delayed, stats.in_flight) == (0, 0, 0)
+
+
+async def test_pull_requests_are_forgotten(make: Maker) -> None:
+    """Fetches that get full batches, partial ones or nothing leave no request behind."""
+    async with make() as broker:
+        await broker.publish("jobs", numbered(250))
+        for _ in range(3):
+            await broker.ack(await broker.fetch("jobs", 100, timeout=1.0, lease=30.0))
+        assert await broker.fetch("jobs", 100, timeout=0.3, lease=30.0) == []
+        assert broker._pulls == {}
+        assert broker._pub_acks == {}

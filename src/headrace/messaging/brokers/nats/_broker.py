@@ -237,6 +237,9 @@ class NatsBroker(_NatsConnection):
                     ) from None
         finally:
             state.pulls.discard(pull)
+            # A request that got its whole batch gets no status: forget it now. A late
+            # status finds no request and is dropped; late messages route by subject.
+            self._pulls.pop(token, None)
         self._check_open("fetch")
         if pull.status == "409":
             raise BrokerError(
