@@ -23,7 +23,9 @@ How the contract maps onto RabbitMQ (queues for topic ``jobs``, default prefix):
   takes up to ``max_messages`` from it, waiting up to ``timeout`` for the first.
   ``basic.get`` costs a round trip per message. The price: up to ``prefetch``
   messages wait in this process's buffer, unseen by other consumers (lower
-  ``prefetch`` for slow handlers).
+  ``prefetch`` for slow handlers), and one broker leases at most ``prefetch``
+  messages of a topic at a time (a fetch beyond that waits for acks; the worker holds
+  100 by default). A requeued delivery may come back to the same process.
 * **Leases are local.** RabbitMQ holds an unacked delivery until its channel closes
   (or its ``consumer_timeout``, 30 minutes by default, closes the channel). A crashed
   or disconnected process therefore gives its messages back at once, better than any
@@ -42,7 +44,11 @@ How the contract maps onto RabbitMQ (queues for topic ``jobs``, default prefix):
   message again with its attempt count, waits for the confirm, and acks the delivery:
   same id, same attempt, at the back. ``nack(delay=0)`` is the plain requeue, which
   counts the attempt as it should. ``close`` hands back what is buffered and was
-  never fetched the same way.
+  never fetched the same way, after waiting (up to 1 s) until the consumer is quiet:
+  a quorum queue refills the prefetch window as acks arrive, and a refill that races
+  the cancel stays on the channel unseen and returns with a delivery counted
+  (measured: a worker stopped mid-run charged 33-58 of 258 returned messages an
+  attempt without that wait, none with it).
 * **Delays without plugins.** ``nack(delay)`` and ``publish`` with ``delay`` send a
   confirmed copy to a classic delay queue ``headrace.jobs.delay.<ms>`` with that TTL
   (``x-message-ttl``), which dead-letters to ``headrace.jobs`` when it runs out. One
@@ -76,8 +82,9 @@ The package splits the adapter by concept:
 
 * ``_broker``: :class:`RabbitMQBroker`, the :class:`~headrace.messaging.Broker`
   operations;
-* ``_connection``: options, the connection and its channels, consumers and their
-  buffers, local leases, settling frames, the error choke point, connect and close;
+* ``_connection``: options, the connection and its channels, declarations, settling
+  frames, the lease keeper, the error choke point, connect and close;
+* ``_consumer``: a topic's consumer and its buffer; the local lease heap;
 * ``_options``: options in the URL's query;
 * ``_codec``: AMQP properties to and from :class:`~headrace.messaging.Message`, the
   delivery receipt.

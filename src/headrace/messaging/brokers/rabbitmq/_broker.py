@@ -35,7 +35,8 @@ from ._codec import (
     dead_letter_properties,
     new_properties,
 )
-from ._connection import _Consumer, _RabbitConnection, _wake
+from ._connection import _RabbitConnection
+from ._consumer import _Consumer, _wake
 
 __all__ = ["RabbitMQBroker", "delay_level"]
 

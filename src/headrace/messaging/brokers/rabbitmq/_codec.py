@@ -33,7 +33,7 @@ from pamqp.commands import Basic
 from ..._broker import DeadLetter, Message
 
 if TYPE_CHECKING:
-    from ._connection import _Consumer
+    from ._consumer import _Consumer
 
 __all__ = [
     "ATTEMPTS_HEADER",

@@ -12,12 +12,9 @@ aio-pika's, which saves aio-pika's per-message wrapper objects. The
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
 import math
 import warnings
-from collections import deque
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, cast
@@ -25,7 +22,6 @@ from typing import Any, cast
 import aio_pika
 import aiormq
 import aiormq.exceptions as amqp_errors
-from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from ...._clock import Clock, default_clock
@@ -39,7 +35,8 @@ from ...._errors import (
 )
 from ..._broker import BrokerCapabilities, Message
 from .. import check_lease, check_max_deliveries, check_topic
-from ._codec import LIVE, SETTLED, SETTLING, _Delivery, message_of
+from ._codec import LIVE, SETTLED, SETTLING, _Delivery
+from ._consumer import _Consumer, _Leases, _wake
 from ._options import split_url
 
 __all__ = ["_Consumer", "_RabbitConnection"]
@@ -71,6 +68,10 @@ _ERRORS: dict[type[BaseException], type[BrokerError]] = {
 CLEANUP_TIMEOUT = 5.0
 # AMQP names are short strings: at most 255 bytes.
 _MAX_NAME = 255
+# Before cancelling its consumers, close() waits until none had a delivery or an ack
+# for _STRAY_QUIET seconds (at most _STRAY_MAX): see _release_buffers.
+_STRAY_QUIET = 0.1
+_STRAY_MAX = 1.0
 # A delay queue is re-declared (which restarts its x-expires clock) when its last
 # declaration is older than its TTL plus this many seconds (see _delay_queue).
 _REDECLARE_MARGIN = 30.0
@@ -111,132 +112,6 @@ class _Translated:
             context=context,
         ):
             raise exc.with_traceback(traceback)
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class _Consumer:
-    """One topic's consumer: a channel with a prefetch window feeding a local buffer.
-
-    RabbitMQ pushes up to ``prefetch`` unacked deliveries; each lands in ``buffer``
-    (ready for the next ``fetch``) and in ``outstanding`` (every delivery of this
-    channel not yet acked or nacked, by tag). ``order`` holds the tags in delivery
-    order, so that an ack can use ``multiple=True`` for the longest run of settled
-    tags at the front. When the channel closes (a lost connection, a server error, the
-    broker's close), RabbitMQ puts every outstanding delivery back: the consumer is
-    dead, and its receipts are stale.
-    """
-
-    __slots__ = (
-        "alive",
-        "buffer",
-        "error",
-        "lock",
-        "order",
-        "outstanding",
-        "queue",
-        "raw",
-        "tag",
-        "topic",
-        "waiters",
-    )
-
-    def __init__(self, topic: str, queue: str, raw: aiormq.abc.AbstractChannel) -> None:
-        self.topic = topic
-        self.queue = queue
-        self.raw = raw
-        self.tag = ""
-        self.alive = True
-        self.error: BaseException | None = None
-        self.buffer: deque[Message] = deque()
-        self.outstanding: dict[int, _Delivery] = {}
-        self.order: deque[int] = deque()
-        self.waiters: set[asyncio.Future[None]] = set()
-        # Settling frames are written under it, so that the multiple-ack bookkeeping
-        # and the order of the frames on the wire agree.
-        self.lock = asyncio.Lock()
-
-    async def on_message(self, delivered: DeliveredMessage) -> None:
-        """aiormq's consumer callback (it runs in a task of aiormq's per delivery,
-        in delivery order; never awaits, so the buffer keeps that order)."""
-        if not self.alive:
-            return
-        tag: int = delivered.delivery.delivery_tag  # type: ignore[union-attr,assignment]
-        properties: Basic.Properties = delivered.header.properties
-        receipt = _Delivery(self, tag, properties)
-        self.outstanding[tag] = receipt
-        self.order.append(tag)
-        self.buffer.append(message_of(self.topic, delivered.body, properties, receipt))
-        if self.waiters:
-            self.wake()
-
-    def on_closed(self, closing: asyncio.Future[Any]) -> None:
-        """The channel closed: everything outstanding went back to the queue."""
-        self.alive = False
-        if not closing.cancelled():
-            self.error = closing.exception()
-        self.buffer.clear()
-        for delivery in self.outstanding.values():
-            delivery.state = SETTLED
-        self.outstanding.clear()
-        self.order.clear()
-        self.wake()
-
-    def wake(self) -> None:
-        for waiter in self.waiters:
-            _wake(waiter)
-
-    @property
-    def leased(self) -> int:
-        """Deliveries handed out by fetch and not yet settled."""
-        return len(self.outstanding) - len(self.buffer)
-
-
-class _Leases:
-    """Local leases: RabbitMQ holds a delivery until its channel closes, so a lease
-    that runs out is enforced here, by a nack with requeue (which counts an attempt).
-
-    One heap entry per fetched batch (``(deadline, seq, deliveries)``); an entry that
-    comes due re-files the deliveries whose lease was extended meanwhile.
-    """
-
-    __slots__ = ("changed", "heap", "seq")
-
-    def __init__(self) -> None:
-        self.heap: list[tuple[float, int, list[_Delivery]]] = []
-        self.seq = itertools.count()
-        self.changed = asyncio.Event()
-
-    def add(self, deadline: float, deliveries: list[_Delivery]) -> None:
-        earliest = self.heap[0][0] if self.heap else math.inf
-        heapq.heappush(self.heap, (deadline, next(self.seq), deliveries))
-        if deadline < earliest:
-            self.changed.set()
-
-    def due(self, now: float) -> list[_Delivery]:
-        """Pop the deliveries whose lease ended by ``now`` and are still live."""
-        expired: list[_Delivery] = []
-        later: dict[float, list[_Delivery]] = {}
-        heap = self.heap
-        while heap and heap[0][0] <= now:
-            _, _, deliveries = heapq.heappop(heap)
-            for delivery in deliveries:
-                if not delivery.live:
-                    continue
-                if delivery.lease_until > now:
-                    later.setdefault(delivery.lease_until, []).append(delivery)
-                else:
-                    expired.append(delivery)
-        for deadline, deliveries in later.items():
-            heapq.heappush(heap, (deadline, next(self.seq), deliveries))
-        return expired
-
-    @property
-    def next_due(self) -> float:
-        return self.heap[0][0] if self.heap else math.inf
 
 
 class _RabbitConnection:
@@ -535,7 +410,7 @@ class _RabbitConnection:
         with self._translated("consume", topic):
             queue = await self._topic_queue(topic)
             raw = await self._open_channel(confirms=False)
-            consumer = _Consumer(topic, queue, raw)
+            consumer = _Consumer(topic, queue, raw, self._clock)
             try:
                 await raw.basic_qos(prefetch_count=self._prefetch)
                 ok = await raw.basic_consume(queue, consumer.on_message)
@@ -581,6 +456,7 @@ class _RabbitConnection:
                     tags.add(delivery.tag)
             if not tags or not consumer.alive:
                 return
+            consumer.last_activity = self._clock.now()
             order = consumer.order
             top = 0
             while order and order[0] not in outstanding:
@@ -770,12 +646,35 @@ class _RabbitConnection:
 
     async def _release_buffers(self, consumers: list[_Consumer]) -> None:
         """Stop the consumers, then hand back (free of an attempt) what they had buffered
-        and no fetch took: closing the channel would count an attempt for each."""
+        and no fetch took: closing the channel would count a delivery for each.
+
+        A quorum queue refills the prefetch window as acks arrive. A refill that races
+        the cancel is lost to the client: RabbitMQ 3.10 keeps those deliveries on the
+        channel without sending them (measured: 200 acked and cancelled at once, all
+        200 refills came back from the closed channel with a delivery counted, none
+        reached aiormq). So close first waits until the consumers are quiet (no
+        delivery or ack for ``_STRAY_QUIET`` seconds, or a full window; at most
+        ``_STRAY_MAX``), then cancels without waiting for the answer, keeps the
+        callback registered for anything still on its way (aiormq forgets a cancelled
+        consumer and drops its deliveries), and hands back the buffers."""
+        clock = self._clock
+        give_up = clock.now() + _STRAY_MAX
+        waiting = [consumer for consumer in consumers if consumer.alive]
+        while waiting and clock.now() < give_up:
+            waiting = [
+                consumer
+                for consumer in waiting
+                if consumer.alive
+                and len(consumer.outstanding) < self._prefetch
+                and clock.now() - consumer.last_activity < _STRAY_QUIET
+            ]
+            if waiting:
+                await asyncio.sleep(_STRAY_QUIET / 4)
         for consumer in consumers:
-            if consumer.alive and not consumer.raw.is_closed:
-                await consumer.raw.basic_cancel(consumer.tag)
-        # Deliveries that arrived before the cancel-ok wait in aiormq's tasks: let them
-        # reach the buffers.
+            raw = consumer.raw
+            if consumer.alive and not raw.is_closed:
+                await raw.basic_cancel(consumer.tag, nowait=True)
+                raw.consumers[consumer.tag] = consumer.on_message  # type: ignore[attr-defined]
         await asyncio.sleep(0)
         for consumer in consumers:
             buffered = list(consumer.buffer)
