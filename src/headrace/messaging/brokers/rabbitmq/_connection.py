@@ -36,7 +36,7 @@ from ...._errors import (
 from ..._broker import BrokerCapabilities, Message
 from .. import check_lease, check_max_deliveries, check_topic
 from ._codec import LIVE, SETTLED, SETTLING, _Delivery
-from ._consumer import _Consumer, _Leases, _wake
+from ._consumer import _Consumer, _wake
 from ._options import split_url
 
 __all__ = ["_Consumer", "_RabbitConnection"]
@@ -196,7 +196,10 @@ class _RabbitConnection:
         self._declared: set[str] = set()
         self._delay_declared: dict[str, float] = {}
         self._delay_queues: dict[str, set[str]] = {}
-        self._leases = _Leases()
+        # When the lease keeper wakes next (clock time); a fetch with an earlier lease
+        # end wakes it sooner.
+        self._lease_wake = math.inf
+        self._lease_changed = asyncio.Event()
         self._lease_keeper: asyncio.Task[None] | None = None
         self._connected = False
         self._closed = False
@@ -552,41 +555,58 @@ class _RabbitConnection:
 
     def _lease_out(self, messages: list[Message], lease: float) -> None:
         until = self._clock.now() + lease
-        deliveries: list[_Delivery] = []
         for message in messages:
-            delivery: _Delivery = message.receipt
-            delivery.lease_until = until
-            deliveries.append(delivery)
-        self._leases.add(until, deliveries)
+            message.receipt.lease_until = until
+        if until < self._lease_wake:
+            self._lease_wake = until
+            self._lease_changed.set()
+
+    def _expired(self, now: float) -> tuple[list[tuple[_Consumer, list[_Delivery]]], float]:
+        """The live deliveries whose lease ended by ``now``, per consumer, and the end
+        of the earliest lease still running. A scan of the outstanding deliveries: at
+        most ``prefetch`` per topic, and a heap of leases would keep every settled
+        delivery alive until its lease would have ended."""
+        expired: list[tuple[_Consumer, list[_Delivery]]] = []
+        earliest = math.inf
+        for topic in self._consumers:
+            consumer = self._current_consumer(topic)
+            if consumer is None:
+                continue
+            due: list[_Delivery] = []
+            for delivery in consumer.outstanding.values():
+                if delivery.state != LIVE:
+                    continue
+                until = delivery.lease_until
+                if until <= now:
+                    due.append(delivery)
+                elif until < earliest:
+                    earliest = until
+            if due:
+                expired.append((consumer, due))
+        return expired, earliest
 
     async def _keep_leases(self) -> None:
         """Requeue deliveries whose lease ended (counts an attempt, as an expiry does
         elsewhere); runs from the first connection until close."""
-        leases = self._leases
         clock = self._clock
+        changed = self._lease_changed
         while True:
-            wake = leases.next_due
-            if wake > clock.now():
-                leases.changed.clear()
-                handle = clock.call_at(wake, leases.changed.set) if math.isfinite(wake) else None
-                try:
-                    await leases.changed.wait()
-                finally:
-                    if handle is not None:
-                        handle.cancel()
-                continue
-            expired = leases.due(clock.now())
-            by_consumer: dict[int, tuple[_Consumer, list[_Delivery]]] = {}
-            for delivery in expired:
-                by_consumer.setdefault(id(delivery.consumer), (delivery.consumer, []))[1].append(
-                    delivery
-                )
-            for consumer, deliveries in by_consumer.values():
+            expired, self._lease_wake = self._expired(clock.now())
+            for consumer, deliveries in expired:
                 try:
                     await self._settle(consumer, deliveries, requeue=True)
-                except (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, OSError):
-                    # The channel is gone: RabbitMQ returned them anyway.
-                    logger.debug("requeueing %d expired leases failed", len(deliveries))
+                except Exception as exc:
+                    # The channel is gone (RabbitMQ returned them anyway), or broken
+                    # (closing it returns them): either way they are not lost.
+                    logger.warning("requeueing %d expired leases failed: %s", len(deliveries), exc)
+            wake = self._lease_wake
+            changed.clear()
+            handle = clock.call_at(wake, changed.set) if math.isfinite(wake) else None
+            try:
+                await changed.wait()
+            finally:
+                if handle is not None:
+                    handle.cancel()
 
     # -- connect and close -----------------------------------------------------------
 

@@ -1,18 +1,14 @@
-"""A topic's consumer (a channel with a prefetch window feeding a local buffer) and
-the local leases of what fetch handed out.
+"""A topic's consumer: a channel with a prefetch window feeding a local buffer.
 
 RabbitMQ pushes deliveries; :class:`_Consumer` keeps them in delivery order, knows
-every outstanding delivery tag of its channel (for ``multiple=True`` acks), and turns
-the channel's close into stale receipts and woken fetches. :class:`_Leases` is the heap
-the broker's lease keeper requeues expired deliveries from.
+every outstanding delivery tag of its channel (for ``multiple=True`` acks, and for the
+broker's lease keeper to find expired leases), and turns the channel's close into
+stale receipts and woken fetches.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
-import math
 from collections import deque
 from typing import Any
 
@@ -24,7 +20,7 @@ from ...._clock import Clock
 from ..._broker import Message
 from ._codec import SETTLED, _Delivery, message_of
 
-__all__ = ["_Consumer", "_Leases", "_wake"]
+__all__ = ["_Consumer", "_wake"]
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -115,47 +111,3 @@ class _Consumer:
     def leased(self) -> int:
         """Deliveries handed out by fetch and not yet settled."""
         return len(self.outstanding) - len(self.buffer)
-
-
-class _Leases:
-    """Local leases: RabbitMQ holds a delivery until its channel closes, so a lease
-    that runs out is enforced here, by a nack with requeue (which counts an attempt).
-
-    One heap entry per fetched batch (``(deadline, seq, deliveries)``); an entry that
-    comes due re-files the deliveries whose lease was extended meanwhile.
-    """
-
-    __slots__ = ("changed", "heap", "seq")
-
-    def __init__(self) -> None:
-        self.heap: list[tuple[float, int, list[_Delivery]]] = []
-        self.seq = itertools.count()
-        self.changed = asyncio.Event()
-
-    def add(self, deadline: float, deliveries: list[_Delivery]) -> None:
-        earliest = self.heap[0][0] if self.heap else math.inf
-        heapq.heappush(self.heap, (deadline, next(self.seq), deliveries))
-        if deadline < earliest:
-            self.changed.set()
-
-    def due(self, now: float) -> list[_Delivery]:
-        """Pop the deliveries whose lease ended by ``now`` and are still live."""
-        expired: list[_Delivery] = []
-        later: dict[float, list[_Delivery]] = {}
-        heap = self.heap
-        while heap and heap[0][0] <= now:
-            _, _, deliveries = heapq.heappop(heap)
-            for delivery in deliveries:
-                if not delivery.live:
-                    continue
-                if delivery.lease_until > now:
-                    later.setdefault(delivery.lease_until, []).append(delivery)
-                else:
-                    expired.append(delivery)
-        for deadline, deliveries in later.items():
-            heapq.heappush(heap, (deadline, next(self.seq), deliveries))
-        return expired
-
-    @property
-    def next_due(self) -> float:
-        return self.heap[0][0] if self.heap else math.inf
