@@ -103,7 +103,10 @@ def publish(url: str, bodies: list[bytes]) -> list[str]:
 
 
 def drain_remaining(url: str) -> list[tuple[str, int]]:
-    """(id, attempt) of every message still deliverable *now* (no lease has to expire)."""
+    """(id, attempt) of every message still deliverable *now* (no lease has to expire).
+
+    They are acked once counted, so that the next trial on the same broker starts
+    empty (left leased, they would come back into a later trial as attempt 2)."""
 
     async def go(broker: Broker) -> list[tuple[str, int]]:
         found: list[tuple[str, int]] = []
@@ -112,6 +115,7 @@ def drain_remaining(url: str) -> list[tuple[str, int]]:
             if not batch:
                 return found
             found.extend((m.id, m.attempt) for m in batch)
+            await broker.ack(batch)
 
     result: list[tuple[str, int]] = run(_with_broker(url, go))
     return result
