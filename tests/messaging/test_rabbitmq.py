@@ -350,13 +350,18 @@ async def test_publish_to_a_deleted_queue_fails_instead_of_vanishing(
     amqp_url: str, make: Maker
 ) -> None:
     """Publishes are mandatory: a queue deleted behind the broker's back makes the
-    publish fail with BrokerError rather than drop the message."""
+    publish fail with BrokerError rather than drop the message; the next publish
+    declares the queue again."""
     async with make() as broker:
         await broker.publish("jobs", [OutgoingMessage(b"x")])
         async with raw_channel(amqp_url) as channel:
             await channel.queue_delete(broker.queue_name("jobs"))
         with pytest.raises(BrokerError):
             await broker.publish("jobs", [OutgoingMessage(b"lost?")])
+        await broker.publish("jobs", [OutgoingMessage(b"kept")])  # declared again
+        [kept] = await fetch_all(broker, "jobs", 1)
+        assert kept.body == b"kept"
+        await broker.ack([kept])
 
 
 # -- dead letters and isolation -------------------------------------------------------
@@ -466,3 +471,26 @@ async def test_worker_shutdown_returns_the_rest_uncharged(make: Maker) -> None:
             str(n).encode() for n in range(1000)
         )
         assert {m.attempt for m in rest} == {1}
+
+
+async def test_a_deleted_queue_ends_the_waiting_fetch_and_the_next_one_recovers(
+    amqp_url: str, make: Maker
+) -> None:
+    """A queue deleted under a waiting fetch (RabbitMQ cancels the consumer) ends it with
+    BrokerError (code consumer_cancelled) instead of leaving it idle forever; the next
+    publish and fetch declare the queue again."""
+    async with make() as broker:
+        await broker.publish("jobs", [OutgoingMessage(b"x")])
+        [message] = await fetch_all(broker, "jobs", 1)
+        await broker.ack([message])
+        waiting = asyncio.create_task(broker.fetch("jobs", 1, timeout=10.0, lease=30.0))
+        await asyncio.sleep(0.1)
+        async with raw_channel(amqp_url) as channel:
+            await channel.queue_delete(broker.queue_name("jobs"))
+        with pytest.raises(BrokerError) as caught:
+            await asyncio.wait_for(waiting, 2.0)
+        assert caught.value.code == "consumer_cancelled"
+        await broker.publish("jobs", [OutgoingMessage(b"again")])
+        [again] = await fetch_all(broker, "jobs", 1)
+        assert again.body == b"again"
+        await broker.ack([again])

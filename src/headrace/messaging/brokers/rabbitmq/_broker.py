@@ -18,7 +18,7 @@ import aiormq
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from ...._errors import ConfigurationError
+from ...._errors import BrokerError, ConfigurationError
 from ..._broker import DeadLetter, Message, OutgoingMessage, TopicStats
 from .. import (
     check_error_record,
@@ -189,6 +189,14 @@ class RabbitMQBroker(_RabbitConnection):
             self._check_open("fetch")
             if not consumer.alive:
                 self._raise_dead(consumer)
+            if consumer.cancelled:
+                self._retire(consumer)
+                raise BrokerError(
+                    f"RabbitMQ cancelled the consumer of topic {topic!r} on {self._shown} "
+                    f"(was queue {consumer.queue!r} deleted?); the next fetch starts another",
+                    code="consumer_cancelled",
+                    context={"topic": topic, "queue": consumer.queue},
+                )
             now = clock.now()
             if now >= deadline:
                 return []

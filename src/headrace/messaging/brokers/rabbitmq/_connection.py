@@ -192,6 +192,8 @@ class _RabbitConnection:
         # One consumer per topic, made in a task of its own so that a fetch cancelled
         # while the consumer is being set up cannot leave an orphan consumer behind.
         self._consumers: dict[str, asyncio.Task[_Consumer]] = {}
+        # Consumers RabbitMQ cancelled: their channels close with the broker.
+        self._retired: list[_Consumer] = []
         # Queues this broker declared (names), and when each delay queue last was.
         self._declared: set[str] = set()
         self._delay_declared: dict[str, float] = {}
@@ -422,12 +424,25 @@ class _RabbitConnection:
                 raise
             consumer.tag = ok.consumer_tag or ""
             raw.closing.add_done_callback(consumer.on_closed)
+            raw.on_consumer_cancel_callbacks.add(consumer.on_cancel)
             return consumer
 
     @staticmethod
     def _usable(task: asyncio.Task[_Consumer]) -> bool:
         """``task`` (done) made a consumer that is still alive."""
-        return not task.cancelled() and task.exception() is None and task.result().alive
+        if task.cancelled() or task.exception() is not None:
+            return False
+        consumer = task.result()
+        return consumer.alive and not consumer.cancelled
+
+    def _retire(self, consumer: _Consumer) -> None:
+        """Forget a consumer RabbitMQ cancelled; its channel closes with the broker, and
+        the topic's queue is declared again by the next fetch or publish."""
+        task = self._consumers.get(consumer.topic)
+        if task is not None and task.done() and not self._usable(task):
+            del self._consumers[consumer.topic]
+        self._declared.discard(consumer.queue)
+        self._retired.append(consumer)
 
     def _current_consumer(self, topic: str) -> _Consumer | None:
         """``topic``'s consumer if it is running (no I/O)."""
@@ -501,14 +516,22 @@ class _RabbitConnection:
         channel = await self._publish_channel()
         for start in range(0, len(items), 1000):
             chunk = items[start : start + 1000]
-            confirmations = await asyncio.gather(
-                *(
-                    channel.basic_publish(
-                        body, routing_key=queue, properties=properties, mandatory=True
+            try:
+                confirmations = await asyncio.gather(
+                    *(
+                        channel.basic_publish(
+                            body, routing_key=queue, properties=properties, mandatory=True
+                        )
+                        for queue, body, properties in chunk
                     )
-                    for queue, body, properties in chunk
                 )
-            )
+            except amqp_errors.DeliveryError:
+                # Returned: a queue is gone (deleted behind our back). Declare it again
+                # next time rather than fail every publish until a restart.
+                for queue, _, _ in chunk:
+                    self._declared.discard(queue)
+                    self._delay_declared.pop(queue, None)
+                raise
             for confirmation in confirmations:
                 if not isinstance(confirmation, Basic.Ack):
                     raise BrokerError(
@@ -652,7 +675,7 @@ class _RabbitConnection:
             if self._is_open(connection):
                 async with asyncio.timeout(CLEANUP_TIMEOUT):
                     await self._release_buffers(consumers)
-                    for consumer in consumers:
+                    for consumer in [*consumers, *self._retired]:
                         if not consumer.raw.is_closed:
                             await consumer.raw.close()
         except Exception as exc:

@@ -43,6 +43,7 @@ class _Consumer:
     __slots__ = (
         "alive",
         "buffer",
+        "cancelled",
         "clock",
         "error",
         "last_activity",
@@ -67,6 +68,9 @@ class _Consumer:
         self.raw = raw
         self.tag = ""
         self.alive = True
+        # RabbitMQ cancelled the consumer (its queue was deleted): no more deliveries,
+        # though the channel and what it delivered stay valid.
+        self.cancelled = False
         self.error: BaseException | None = None
         self.buffer: deque[Message] = deque()
         self.outstanding: dict[int, _Delivery] = {}
@@ -102,6 +106,12 @@ class _Consumer:
         self.outstanding.clear()
         self.order.clear()
         self.wake()
+
+    def on_cancel(self, frame: Basic.Cancel) -> None:
+        """aiormq's callback for a ``basic.cancel`` from the server."""
+        if frame.consumer_tag == self.tag:
+            self.cancelled = True
+            self.wake()
 
     def wake(self) -> None:
         for waiter in self.waiters:
