@@ -86,6 +86,12 @@ _PUBLISH_WINDOW = 2000
 _CLOSE_TIMEOUT = 5.0
 
 
+def _seen(task: asyncio.Future[Any]) -> None:
+    """Mark a shared task's error as retrieved (each waiter re-raises it itself)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _weak(owner: Any, method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
     """``method`` of ``owner`` as a callback that does not keep ``owner`` alive."""
     ref = weakref.ref(owner)
@@ -385,6 +391,7 @@ class _NatsConnection:
             return
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(_seen)
         try:
             await asyncio.shield(self._connecting)
         except BaseException:
@@ -554,6 +561,8 @@ class _NatsConnection:
         ensured = state.ensured
         if ensured is None or (ensured.done() and ensured.exception() is not None):
             ensured = state.ensured = asyncio.ensure_future(self._create(state))
+            # Its caller may be cancelled before it ends: the error is still seen here.
+            ensured.add_done_callback(_seen)
         await asyncio.shield(ensured)
 
     async def _create(self, state: _TopicState) -> None:
@@ -631,16 +640,19 @@ class _NatsConnection:
             for start in range(0, len(items), _PUBLISH_WINDOW):
                 waiters: list[asyncio.Future[bytes]] = []
                 tokens: list[str] = []
-                for subject, body, headers in items[start : start + _PUBLISH_WINDOW]:
-                    token = self._token()
-                    waiter: asyncio.Future[bytes] = loop.create_future()
-                    self._pub_acks[token] = waiter
-                    waiters.append(waiter)
-                    tokens.append(token)
-                    await client.publish(subject, body, reply=token, headers=headers)
+                late: set[asyncio.Future[bytes]] = set()
                 try:
+                    for subject, body, headers in items[start : start + _PUBLISH_WINDOW]:
+                        token = self._token()
+                        waiter: asyncio.Future[bytes] = loop.create_future()
+                        self._pub_acks[token] = waiter
+                        waiters.append(waiter)
+                        tokens.append(token)
+                        await client.publish(subject, body, reply=token, headers=headers)
                     _done, late = await asyncio.wait(waiters, timeout=self._request_timeout)
                 finally:
+                    # Whatever ended the window (a timeout, a failed write, a cancel),
+                    # no waiter stays registered.
                     for token, waiter in zip(tokens, waiters, strict=True):
                         if not waiter.done():
                             waiter.cancel()
