@@ -86,7 +86,9 @@ The package splits the adapter by concept:
 * ``_broker``: :class:`NatsBroker`, the :class:`~headrace.messaging.Broker`
   operations;
 * ``_connection``: configuration, the connection and its inbox routing, streams and
-  consumers, pipelined publishing, the error choke point, connect and close;
+  consumers, pipelined publishing, connect and close;
+* ``_state``: what the broker remembers per topic, and the pull requests in flight;
+* ``_translate``: the choke point where nats-py errors become headrace errors;
 * ``_options``: options in the URL's query, credential scrubbing, topic names;
 * ``_codec``: JetStream messages (headers, ack subjects) to and from
   :class:`~headrace.messaging.Message`.

@@ -27,7 +27,8 @@ from .. import (
 )
 from . import _codec as codec
 from ._codec import Receipt
-from ._connection import _NatsConnection, _Pull, _TopicState
+from ._connection import _NatsConnection
+from ._state import _Pull, _TopicState
 
 __all__ = ["NatsBroker"]
 

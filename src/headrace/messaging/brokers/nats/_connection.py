@@ -17,14 +17,11 @@ import math
 import time
 import warnings
 import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
 from typing import Any
 
 import nats
 import nats.errors as nats_errors
-import nats.js.errors as js_errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import (
@@ -38,17 +35,17 @@ from nats.js.api import (
 
 from ...._clock import Clock, default_clock
 from ...._errors import (
-    BrokerConnectionError,
     BrokerError,
     ClosedResourceError,
     ConfigurationError,
     InvalidMessage,
-    translate_errors,
 )
 from ..._broker import BrokerCapabilities
 from .. import check_lease, check_max_deliveries
 from . import _codec as codec
-from ._options import Scrubber, check_name, encode_topic, split_options
+from ._options import Scrubber, check_name, split_options
+from ._state import _Pull, _TopicState
+from ._translate import _Translated
 
 logger = logging.getLogger("headrace.messaging.nats")
 
@@ -63,23 +60,6 @@ _CAPABILITIES = BrokerCapabilities(
     max_message_bytes=1024 * 1024,
 )
 
-_ERRORS = {
-    nats_errors.TimeoutError: BrokerConnectionError,
-    nats_errors.ConnectionClosedError: BrokerConnectionError,
-    nats_errors.NoServersError: BrokerConnectionError,
-    nats_errors.StaleConnectionError: BrokerConnectionError,
-    nats_errors.ConnectionReconnectingError: BrokerConnectionError,
-    nats_errors.OutboundBufferLimitError: BrokerConnectionError,
-    nats_errors.NoRespondersError: BrokerConnectionError,
-    js_errors.ServiceUnavailableError: BrokerConnectionError,
-    TimeoutError: BrokerConnectionError,
-    OSError: BrokerConnectionError,
-    nats_errors.Error: BrokerError,
-}
-
-# Pull request statuses that end a request: no messages (no_wait), request expired or
-# its batch cut short, and 409 (consumer deleted, max waiting exceeded, ...).
-_ENDING = frozenset({"404", "408", "409"})
 # Publishes wait for their acks in windows of this many messages.
 _PUBLISH_WINDOW = 2000
 # Seconds close() waits for the last pull requests' messages and the final flush.
@@ -102,105 +82,6 @@ def _weak(owner: Any, method: Callable[..., Awaitable[None]]) -> Callable[..., A
             await method(target, *args)
 
     return call
-
-
-class _Translated:
-    """The choke point where nats-py errors become headrace errors (a context manager)."""
-
-    __slots__ = ("operation", "scrub", "topic", "where_url")
-
-    def __init__(self, scrub: Scrubber, url: str, operation: str, topic: str | None) -> None:
-        self.scrub = scrub
-        self.where_url = url
-        self.operation = operation
-        self.topic = topic
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if exc is None or not isinstance(exc, Exception):
-            return
-        url = self.scrub(self.where_url)
-        context: dict[str, Any] = {"url": url, "operation": self.operation}
-        where = f"nats {self.operation}"
-        if self.topic is not None:
-            context["topic"] = self.topic
-            where += f"({self.topic!r})"
-        with translate_errors(
-            _ERRORS,
-            message=lambda error: (
-                f"{where} failed on {url}: {type(error).__name__}: {self.scrub(str(error))}"
-            ),
-            context=context,
-        ):
-            raise exc.with_traceback(traceback)
-
-
-class _Pull:
-    """One pull request in flight; done when its status came or enough messages did."""
-
-    __slots__ = ("delayed", "done", "limit", "start", "state", "status")
-
-    def __init__(self, state: _TopicState, limit: int, *, delayed: bool = False) -> None:
-        self.state = state
-        self.limit = limit
-        # A request on the delayed consumer (whose messages never reach a caller).
-        self.delayed = delayed
-        self.start = state.delayed_count if delayed else state.count
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.status: str | None = None
-
-
-class _TopicState:
-    """Names and what this broker instance remembers about one topic."""
-
-    __slots__ = (
-        "arrived",
-        "count",
-        "dead_stream",
-        "dead_subject",
-        "delayed_arrived",
-        "delayed_consumer",
-        "delayed_count",
-        "delayed_subject",
-        "ensured",
-        "next_promote",
-        "pulls",
-        "stream",
-        "subject",
-        "topic",
-    )
-
-    def __init__(self, topic: str, prefix: str) -> None:
-        encoded = encode_topic(topic)
-        self.topic = topic
-        self.stream = f"{prefix}-{encoded}"
-        self.dead_stream = f"{prefix}-{encoded}-dead"
-        self.subject = f"{prefix}.{encoded}"
-        self.delayed_subject = f"{prefix}.{encoded}.delayed"
-        self.dead_subject = f"{prefix}.{encoded}.dead"
-        self.delayed_consumer = ""
-        self.ensured: asyncio.Future[None] | None = None
-        self.next_promote = 0.0
-        # Messages JetStream delivered to this connection and no fetch took yet, with
-        # when they arrived (the broker's clock). Pull requests of one topic share
-        # them: a fetch takes what is there, so one that was cancelled, or that a
-        # long poll outlived, leaves its messages to the next fetch, as the same
-        # attempt.
-        self.arrived: deque[tuple[Msg, float]] = deque()
-        # The same for the delayed consumer (taken by the next promote).
-        self.delayed_arrived: deque[Msg] = deque()
-        # Messages ever delivered here, to tell when a pull request has its batch.
-        self.count = 0
-        self.delayed_count = 0
-        # Pull requests waiting on this topic.
-        self.pulls: set[_Pull] = set()
 
 
 class _NatsConnection:
