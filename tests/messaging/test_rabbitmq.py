@@ -225,8 +225,8 @@ async def test_expired_lease_is_requeued(make: Maker) -> None:
         [held] = await holder.fetch("jobs", 1, timeout=5.0, lease=0.4)
         leased_at = loop.time()
         results = await asyncio.gather(
-            holder.fetch("jobs", 1, timeout=3.0, lease=30.0),
-            other.fetch("jobs", 1, timeout=3.0, lease=30.0),
+            holder.fetch("jobs", 1, timeout=1.5, lease=30.0),
+            other.fetch("jobs", 1, timeout=1.5, lease=30.0),
         )
         assert loop.time() - leased_at >= 0.4
         [again] = [message for batch in results for message in batch]
@@ -494,3 +494,51 @@ async def test_a_deleted_queue_ends_the_waiting_fetch_and_the_next_one_recovers(
         [again] = await fetch_all(broker, "jobs", 1)
         assert again.body == b"again"
         await broker.ack([again])
+
+
+async def test_fetch_without_timeout_waits_for_a_delivery(make: Maker) -> None:
+    """fetch(timeout=inf) sets no timer: it returns on the first delivery."""
+    async with make() as consumer, make() as producer:
+
+        async def publish_later() -> None:
+            await asyncio.sleep(0.2)
+            await producer.publish("jobs", [OutgoingMessage(b"late")])
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(publish_later())
+            got = await consumer.fetch("jobs", 10, timeout=math.inf, lease=30.0)
+        assert [m.body for m in got] == [b"late"]
+        await consumer.ack(got)
+
+
+async def test_worker_rides_out_a_dropped_connection(amqp_url: str, make: Maker) -> None:
+    """Connections reset mid-run: the worker's fetch fails, it backs off, the broker
+    connects again, and every message is handled; what the dead channel held comes
+    back (at least once), none is lost."""
+    server = urlsplit(amqp_url)
+    async with ChaosProxy(server.hostname or "127.0.0.1", server.port or 5672) as proxy:
+        netloc = f"{server.username}:{server.password}@127.0.0.1:{proxy.port}"
+        async with make(server._replace(netloc=netloc).geturl()) as broker:
+            await broker.publish("jobs", [OutgoingMessage(str(n).encode()) for n in range(600)])
+            worker = Worker(broker)
+            handled: set[bytes] = set()
+            halfway = asyncio.Event()
+
+            @worker.handler("jobs", concurrency=16)
+            async def handle(message: Message) -> None:
+                await asyncio.sleep(0.002)
+                handled.add(message.body)
+                if len(handled) == 300:
+                    halfway.set()
+                if len(handled) == 600:
+                    worker.stop()
+
+            async def cut() -> None:
+                await halfway.wait()
+                assert proxy.cut_all() >= 1
+
+            async with asyncio.TaskGroup() as group:
+                group.create_task(cut())
+                await asyncio.wait_for(worker.run(handle_signals=False), 20.0)
+        assert handled == {str(n).encode() for n in range(600)}
+        assert len(proxy.attempts) >= 2  # connected again after the cut

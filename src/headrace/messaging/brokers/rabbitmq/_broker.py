@@ -236,11 +236,17 @@ class RabbitMQBroker(_RabbitConnection):
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         consumer.waiters.add(waiter)
         self._close_waiters.add(waiter)
-        handle = self._clock.call_at(deadline, lambda: _wake(waiter))
+        # fetch(timeout=inf) waits for a delivery only.
+        handle = (
+            self._clock.call_at(deadline, lambda: _wake(waiter))
+            if math.isfinite(deadline)
+            else None
+        )
         try:
             await waiter
         finally:
-            handle.cancel()
+            if handle is not None:
+                handle.cancel()
             consumer.waiters.discard(waiter)
             self._close_waiters.discard(waiter)
 
