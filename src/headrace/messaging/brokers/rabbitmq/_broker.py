@@ -46,6 +46,11 @@ _EXACT_BELOW_MS = 16
 _STEPS_PER_DOUBLING = 8
 
 
+# How long a fetch with a shorter timeout waits for messages the queue counts as ready
+# when its consumer's buffer is empty (seconds).
+_IN_TRANSIT_GRACE = 0.25
+
+
 def delay_level(seconds: float) -> int:
     """The delay queue (its TTL in milliseconds) for a delay of ``seconds``: the smallest
     grid value not below it, so a message is never delivered early."""
@@ -161,7 +166,11 @@ class RabbitMQBroker(_RabbitConnection):
         unless it was settled or extended by then (default: the broker's ``lease``).
 
         Takes from the topic consumer's buffer (started on the first fetch of a topic),
-        so it costs no round trip while messages flow. Cancel-safe: a fetch cancelled
+        so it costs no round trip while messages flow. A fetch with a timeout under
+        0.25 s that finds the buffer empty asks RabbitMQ whether messages are ready and,
+        if so, waits up to 0.25 s for them: they are deliverable, only not here yet
+        (``timeout=0`` would otherwise miss every message a new consumer is about to
+        get). At most ``prefetch`` messages are leased at a time. Cancel-safe: a fetch cancelled
         after it took messages puts them back in the buffer, in order and uncharged.
         A consumer whose channel died raises :class:`~headrace.BrokerConnectionError`;
         the next fetch starts a new one (connecting again if needed).
@@ -173,6 +182,19 @@ class RabbitMQBroker(_RabbitConnection):
         consumer = await self._consumer(topic)
         clock = self._clock
         deadline = clock.now() + timeout
+        if (
+            timeout < _IN_TRANSIT_GRACE
+            and not consumer.buffer
+            and len(consumer.outstanding) < self._prefetch
+        ):
+            # A short fetch on an empty buffer: messages RabbitMQ counts as ready are
+            # deliverable now, on their way to a consumer with room (a fresh consumer
+            # has had none delivered yet). Wait a little for them rather than answer
+            # "nothing" (one round trip to ask).
+            with self._translated("fetch", topic):
+                ready = await self._count(consumer.queue)
+            if ready:
+                deadline = max(deadline, clock.now() + _IN_TRANSIT_GRACE)
         waited = False
         while True:
             if consumer.buffer:
