@@ -25,7 +25,10 @@ How the contract maps onto RabbitMQ (queues for topic ``jobs``, default prefix):
   messages wait in this process's buffer, unseen by other consumers (lower
   ``prefetch`` for slow handlers), and one broker leases at most ``prefetch``
   messages of a topic at a time (a fetch beyond that waits for acks; the worker holds
-  100 by default). A requeued delivery may come back to the same process.
+  100 by default). A requeued delivery may come back to the same process. A fetch
+  with a timeout under 0.25 s that finds the buffer empty asks whether the queue has
+  ready messages and, if so, waits up to 0.25 s for them (``timeout=0`` on a new
+  consumer would otherwise miss everything still on its way).
 * **Leases are local.** RabbitMQ holds an unacked delivery until its channel closes
   (or its ``consumer_timeout``, 30 minutes by default, closes the channel). A crashed
   or disconnected process therefore gives its messages back at once, better than any
@@ -72,6 +75,12 @@ How the contract maps onto RabbitMQ (queues for topic ``jobs``, default prefix):
   next operation connects again and the next fetch starts a new consumer. The worker
   retries with backoff. Queue arguments are fixed at declaration: declare nothing
   named like these queues yourself with other arguments.
+
+The reliability scenarios of ``tests/messaging/test_reliability.py``, run here with
+an ``amqp://`` case (5 trials each): R2 SIGTERM under load, 0 lost and 0
+handled-but-unacked, stopped in 0.13-0.57 s; R3 ``kill -9``, 0 lost, redeliveries
+within the window, 0 duplicate effects with the transactional store; R5, 10k fuzzed
+payloads all dead-lettered; R7, every message confirmed or reported failed.
 
 Measured here (``benchmarks/worker_rabbitmq.py``, B7: 50k messages on a quorum queue,
 no-op handler, 5 interleaved rounds on a busy 2-core machine, RabbitMQ 3.10): the
