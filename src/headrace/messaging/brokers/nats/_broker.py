@@ -63,9 +63,9 @@ class NatsBroker(_NatsConnection):
     delayed messages to the topic. ``clock`` paces fetch timeouts and leases.
 
     Measured here (``benchmarks/worker_nats.py``, 50k messages, no-op handler, NATS
-    2.9): the :class:`~headrace.messaging.Worker` at concurrency 16 ran at 2.4x a
-    hand-written nats-py pull ``fetch(100)`` + ``ack()`` loop and 3.3x a FastStream
-    subscriber with its defaults; ``publish`` stores ~56k msgs/s, each confirmed.
+    2.9): the :class:`~headrace.messaging.Worker` at concurrency 16 ran at 2.3x a
+    hand-written nats-py pull ``fetch(100)`` + ``ack()`` loop and 3.1x a FastStream
+    subscriber with its defaults; ``publish`` stores ~54k msgs/s, each confirmed.
 
     Safe to share between the tasks of one event loop (fetch, ack and publish may run
     concurrently); several processes may consume one topic.
