@@ -106,6 +106,25 @@ def _postgres_case(request: pytest.FixtureRequest) -> BrokerMaker:
     return make
 
 
+def _nats_case(request: pytest.FixtureRequest) -> BrokerMaker:
+    # Imported here: nats-py is an optional dependency of the NATS adapter only.
+    import uuid
+
+    from headrace.messaging.brokers.nats import NatsBroker
+
+    from ._nats import delete_nats_streams
+
+    url = request.getfixturevalue("nats_url")
+    # Streams of their own per test (the prefix starts every stream and subject name).
+    prefix = f"conformance-{uuid.uuid4().hex[:12]}"
+    request.addfinalizer(lambda: delete_nats_streams(url, prefix))
+
+    def make(**options: Any) -> Broker:
+        return NatsBroker(url, prefix=prefix, **options)
+
+    return make
+
+
 def _sqlite_wall_case(request: pytest.FixtureRequest) -> BrokerMaker:
     # As in production: leases on time.time(), waiting on the loop's monotonic clock.
     path = request.getfixturevalue("tmp_path") / "broker.db"
@@ -113,6 +132,30 @@ def _sqlite_wall_case(request: pytest.FixtureRequest) -> BrokerMaker:
     def make(**options: Any) -> Broker:
         options.setdefault("poll_interval", 0.05)
         return SqliteBroker(path, **options)
+
+    return make
+
+
+def _rabbitmq_case(request: pytest.FixtureRequest) -> BrokerMaker:
+    # Imported here: aio-pika is an optional dependency of the RabbitMQ adapter only.
+    import uuid
+
+    from headrace.messaging.brokers.rabbitmq import RabbitMQBroker
+
+    from ._rabbitmq import delete_queues
+
+    url = request.getfixturevalue("amqp_url")
+    # Queues of their own per test; the finalizer deletes every queue a broker declared.
+    prefix = f"conformance-{uuid.uuid4().hex[:12]}."
+    made: list[RabbitMQBroker] = []
+    request.addfinalizer(
+        lambda: delete_queues(url, {name for broker in made for name in broker.declared_queues})
+    )
+
+    def make(**options: Any) -> Broker:
+        broker = RabbitMQBroker(url, prefix=prefix, **options)
+        made.append(broker)
+        return broker
 
     return make
 
@@ -130,6 +173,8 @@ BROKER_CASES: dict[str, CaseSpec] = {
     "sqlite-wall": CaseSpec(_sqlite_wall_case, real_time=True),
     "redis": CaseSpec(_redis_case, real_time=True),
     "postgres": CaseSpec(_postgres_case, real_time=True),
+    "rabbitmq": CaseSpec(_rabbitmq_case, real_time=True),
+    "nats": CaseSpec(_nats_case, real_time=True),
 }
 
 

@@ -5,8 +5,11 @@
 ``sqlite:///jobs.db``              :class:`SqliteBroker` on ``jobs.db`` (relative path)
 ``sqlite:////var/lib/jobs.db``     absolute path (four slashes, as in SQLAlchemy)
 ``redis://[:password@]host/db``    Redis Streams (imported only when asked for)
+``amqp://user:pw@host/vhost``       RabbitMQ quorum queues (``amqps://`` too; imported
+                                   only when asked for)
 ``postgresql://user@host/dbname``  PostgreSQL (``postgres://`` too; imported only when
                                    asked for)
+``nats://[user:password@]host``    NATS JetStream (imported only when asked for)
 =================================  ==================================================
 
 Query parameters set adapter options (``sqlite:///jobs.db?max_deliveries=10&lease=30``);
@@ -106,7 +109,7 @@ def open_broker(url: str, **options: Any) -> Broker:
     if not separator:
         raise ConfigurationError(
             f"broker URL {redact(url)!r} has no scheme; use memory://, sqlite:///path.db, "
-            "redis://host or postgresql://host/dbname",
+            "redis://host, postgresql://host/dbname, nats://host or amqp://host",
             code="invalid_broker_url",
         )
     if scheme == "memory":
@@ -132,12 +135,21 @@ def open_broker(url: str, **options: Any) -> Broker:
         # Imported by name: the Redis adapter pulls in redis-py, which only Redis users need.
         redis_module = importlib.import_module(".brokers.redis", __package__)
         return cast(Broker, redis_module.RedisBroker(url, **options))
+    if scheme in ("amqp", "amqps"):
+        # Imported by name: the RabbitMQ adapter pulls in aio-pika.
+        rabbitmq_module = importlib.import_module(".brokers.rabbitmq", __package__)
+        return cast(Broker, rabbitmq_module.RabbitMQBroker(url, **options))
     if scheme in ("postgres", "postgresql"):
         # Imported by name: the PostgreSQL adapter pulls in psycopg.
         postgres_module = importlib.import_module(".brokers.postgres", __package__)
         return cast(Broker, postgres_module.PostgresBroker(url, **options))
+    if scheme == "nats":
+        # Imported by name: the NATS adapter pulls in nats-py.
+        nats_module = importlib.import_module(".brokers.nats", __package__)
+        return cast(Broker, nats_module.NatsBroker(url, **options))
     raise ConfigurationError(
         f"unknown broker URL scheme {scheme!r} in {redact(url)!r}; "
-        "supported: memory://, sqlite:///path.db, redis://, postgresql:// (or postgres://)",
+        "supported: memory://, sqlite:///path.db, redis://, postgresql:// (or postgres://), "
+        "nats://, amqp:// (or amqps://)",
         code="invalid_broker_url",
     )

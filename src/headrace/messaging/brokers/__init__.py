@@ -5,6 +5,10 @@
 * :mod:`.redis` — Redis Streams with consumer groups.
 * :mod:`.postgres` — :class:`~.postgres.PostgresBroker`, one PostgreSQL table with
   leases in its rows, ``SKIP LOCKED`` claims and ``LISTEN``/``NOTIFY`` wake-ups.
+* :mod:`.nats` — :class:`~.nats.NatsBroker`, a JetStream work-queue stream per topic
+  with one durable pull consumer (a hand-back costs an attempt there).
+* :mod:`.rabbitmq` — :class:`~.rabbitmq.RabbitMQBroker`, RabbitMQ quorum queues with a
+  prefetch window and leases kept by the client.
 
 Nothing here imports a broker client: adapters are imported on their own (or through
 :func:`headrace.messaging.open_broker`), so ``import headrace.messaging`` stays cheap.
