@@ -688,3 +688,49 @@ async def test_shutdown_with_the_broker_away_ends_within_settle_timeout(clock: C
     assert stats.ack_failures == stats.handled >= 20
     assert stats.handed_back == 0  # nothing got through; those leases expire instead
     assert clock.now() - start <= 2.5  # stop at ~0, then at most settle_timeout
+
+
+class TrickleBroker(SpyBroker):
+    """A real MemoryBroker whose fetch returns at most ``per_fetch`` messages, as a
+    broker that streams deliveries in does (RabbitMQ's prefetch window filling, NATS
+    long polls) when asked while only a few have arrived."""
+
+    def __init__(self, *args: Any, per_fetch: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.per_fetch = per_fetch
+        self.asked: list[int] = []
+
+    async def fetch(
+        self, topic: str, max_messages: int, *, timeout: float, lease: float | None = None
+    ) -> list[Message]:
+        self.asked.append(max_messages)
+        return await super().fetch(
+            topic, min(max_messages, self.per_fetch), timeout=timeout, lease=lease
+        )
+
+
+async def test_small_fetches_still_fill_every_slot_at_once(clock: Clock) -> None:
+    """A broker that hands over a few messages per fetch: once the slots have taken
+    what was buffered, the fetch loop fetches again at once, so slow handlers fill
+    every slot in the first instant instead of waiting for a handler to finish."""
+    broker = TrickleBroker(max_deliveries=None, clock=clock, per_fetch=6)
+    await publish(broker, "jobs", [b"x"] * 100)
+    worker = Worker(broker, clock=clock, shutdown_timeout=0.0)
+    started: list[float] = []
+
+    @worker.handler("jobs", concurrency=16)
+    async def handle(message: Message) -> None:
+        started.append(clock.now())
+        await asyncio.sleep(60)
+
+    async def stop_soon() -> None:
+        await clock.sleep(1.0)
+        worker.stop()
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(stop_soon())
+        await worker.run(handle_signals=False)
+    start = started[0]
+    assert started == [start] * 16
+    # Free room each time (the default prefetch tops a fetch up to the ack batch).
+    assert broker.asked[:3] == [100, 94, 88]

@@ -191,6 +191,15 @@ class Route:
             self._fetcher_waiting = False
             self._space.set()
 
+    def _buffer_ran_dry(self) -> None:
+        """A slot took the last buffered message while the fetch loop waits for room:
+        let it fetch now. It waited because a whole batch did not fit yet, expecting
+        the buffer to last until a handler finished; a broker that hands over a few
+        messages per fetch (RabbitMQ's window filling, NATS long polls) empties it at
+        once, and slow handlers would leave the other slots idle until then."""
+        self._fetcher_waiting = False
+        self._space.set()
+
     def _settle_ack(self, message: Message) -> None:
         # slot() writes this out for its common path; keep the two in step.
         self._release(message)
@@ -210,8 +219,8 @@ class Route:
             free = self.capacity - self.held
             # Wait for room unless a whole batch fits or the buffer ran dry (the slots
             # would idle): a fetch per freed slot would cost a round trip per message.
-            # Every release re-checks (the slot that frees room also takes the next
-            # buffered message in the same step, so a dry buffer is seen at once).
+            # Every release re-checks, and so does the slot that takes the last
+            # buffered message (_buffer_ran_dry).
             if free <= 0 or (free < self.fetch_batch and self.buffer):
                 self._space.clear()
                 self._fetcher_waiting = True
@@ -324,8 +333,11 @@ class Route:
             if self.buffer:
                 message = self.buffer.popleft()
                 self.in_flight[id(message)] = message
-                # More waiting: pass the wake-up on (once; see _dispatch).
-                self._dispatch()
+                if self.buffer:
+                    # More waiting: pass the wake-up on (once; see _dispatch).
+                    self._dispatch()
+                elif self._fetcher_waiting:
+                    self._buffer_ran_dry()
                 return message
             waiter: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
             self._idle_slots.append(waiter)
@@ -360,8 +372,11 @@ class Route:
             if buffer and not self.stopping:
                 message = buffer.popleft()
                 in_flight[id(message)] = message
-                if buffer and self._idle_slots and not self._waking:
-                    self._dispatch()  # more waiting: wake one idle slot (see _dispatch)
+                if buffer:
+                    if self._idle_slots and not self._waking:
+                        self._dispatch()  # more waiting: wake one idle slot (see _dispatch)
+                elif self._fetcher_waiting:
+                    self._buffer_ran_dry()
             else:
                 next_message = await self._next()
                 if next_message is None:
