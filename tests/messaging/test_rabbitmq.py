@@ -542,3 +542,20 @@ async def test_worker_rides_out_a_dropped_connection(amqp_url: str, make: Maker)
                 await asyncio.wait_for(worker.run(handle_signals=False), 20.0)
         assert handled == {str(n).encode() for n in range(600)}
         assert len(proxy.attempts) >= 2  # connected again after the cut
+
+
+async def test_a_zero_timeout_fetch_gets_what_is_ready(make: Maker) -> None:
+    """fetch(timeout=0) on a new consumer returns the ready messages still on their way
+    to its buffer (it asks the queue first), and [] at once on an empty queue."""
+    async with make() as producer, make() as consumer:
+        await producer.publish("jobs", [OutgoingMessage(str(n).encode()) for n in range(5)])
+        got = await consumer.fetch("jobs", 10, timeout=0, lease=30.0)
+        while len(got) < 5:
+            more = await consumer.fetch("jobs", 10, timeout=0, lease=30.0)
+            assert more
+            got += more
+        await consumer.ack(got)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await consumer.fetch("jobs", 10, timeout=0, lease=30.0) == []
+        assert loop.time() - start < 0.2
