@@ -29,32 +29,30 @@ FastStream. Run it under ``flock /tmp/bench.lock``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
-import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import nats
 from nats.js.api import RetentionPolicy, StreamConfig
 
-from headrace.messaging import Message, OutgoingMessage, Worker
+from headrace.messaging import OutgoingMessage, Worker
 from headrace.messaging.brokers.nats import NatsBroker
+
+if __package__:  # python -m benchmarks.worker_nats
+    from . import _harness as harness
+else:  # python benchmarks/worker_nats.py
+    import _harness as harness
 
 URL = os.environ.get("HEADRACE_BENCH_NATS_URL", "nats://127.0.0.1:4222")
 RESULTS = Path(__file__).parent / "results" / "worker_nats.json"
 BODY = b'{"order": 12345, "amount": 99.5}'
 BATCH = 100
-
-
-async def noop(_: object) -> None:
-    return None
+noop = harness.noop
 
 
 async def _plain_stream(url: str, count: int) -> tuple[str, str]:
@@ -125,22 +123,16 @@ async def faststream(url: str, count: int) -> float:
         if handled == count:
             done.set()
 
-    started = time.perf_counter()
-    await broker.start()
     try:
-        await asyncio.wait_for(done.wait(), timeout=600)
-        elapsed = time.perf_counter() - started
+        return await harness.drain_rate(broker, done, count)
     finally:
-        await broker.stop()
         await _delete_stream(url, name)
-    return count / elapsed
 
 
 async def _filled_broker(url: str, count: int) -> NatsBroker:
     broker = NatsBroker(url, prefix=f"bench-hr-{uuid.uuid4().hex[:8]}")
     await broker.connect()
-    for start in range(0, count, 5000):
-        await broker.publish("jobs", [OutgoingMessage(BODY)] * min(5000, count - start))
+    await harness.publish(broker, "jobs", BODY, count, chunk=5000)
     return broker
 
 
@@ -159,40 +151,17 @@ async def _drop(url: str, broker: NatsBroker) -> None:
 async def headrace_worker(url: str, count: int, concurrency: int) -> float:
     broker = await _filled_broker(url, count)
     try:
-        worker = Worker(broker)
-        handled = 0
-
-        @worker.handler("jobs", concurrency=concurrency)
-        async def handle(message: Message) -> None:
-            nonlocal handled
-            handled += 1
-            if handled == count:
-                worker.stop()
-
-        started = time.perf_counter()
-        stats = await worker.run(handle_signals=False)
-        elapsed = time.perf_counter() - started
-        assert stats.acked == count, stats
+        return await harness.worker_rate(Worker(broker), count, "jobs", concurrency)
     finally:
         await _drop(url, broker)
-    return count / elapsed
 
 
 async def headrace_fetch_ack(url: str, count: int) -> float:
     broker = await _filled_broker(url, count)
     try:
-        handled = 0
-        started = time.perf_counter()
-        while handled < count:
-            batch = await broker.fetch("jobs", BATCH, timeout=1.0, lease=30.0)
-            await asyncio.gather(*(noop(message) for message in batch))
-            handled += len(batch)
-            await broker.ack(batch)
-        elapsed = time.perf_counter() - started
-        assert handled == count, handled
+        return await harness.fetch_ack_rate(broker, "jobs", count, BATCH)
     finally:
         await _drop(url, broker)
-    return count / elapsed
 
 
 async def publish_rate(url: str, count: int) -> float:
@@ -210,28 +179,19 @@ async def publish_rate(url: str, count: int) -> float:
     return count / elapsed
 
 
-Contender = tuple[str, Callable[[], Awaitable[float]]]
-
 BASELINE = "hand-written fetch(100)+ack"
 FASTSTREAM = "FastStream"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--messages", type=int, default=None)
+    parser = harness.parser(__doc__, url=URL, only=True)
     parser.add_argument("--faststream-messages", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="10k messages instead of 50k")
-    parser.add_argument("--url", default=URL)
-    parser.add_argument(
-        "--only", action="append", default=None, help="extra contenders whose name has this"
-    )
     arguments = parser.parse_args()
-    count = arguments.messages or (10_000 if arguments.quick else 50_000)
+    count = harness.message_count(arguments)
     fs_count = arguments.faststream_messages or count
     rounds = max(5, arguments.rounds)
     url = arguments.url
-    contenders: list[Contender] = [
+    contenders: list[tuple[str, harness.Make]] = [
         (BASELINE, lambda: hand_written(url, count)),
         (FASTSTREAM, lambda: faststream(url, fs_count)),
         ("headrace c=16", lambda: headrace_worker(url, count, 16)),
@@ -239,63 +199,23 @@ def main() -> int:
         ("headrace fetch(100)+ack", lambda: headrace_fetch_ack(url, count)),
         ("headrace publish (batches of 1000)", lambda: publish_rate(url, count)),
     ]
-    if arguments.only:
-        contenders = [
-            (name, make)
-            for name, make in contenders
-            if name in (BASELINE, FASTSTREAM) or any(wanted in name for wanted in arguments.only)
-        ]
-    rates: dict[str, list[float]] = {name: [] for name, _ in contenders}
+    contenders = harness.keep_only(contenders, (BASELINE, FASTSTREAM), arguments.only)
     # Warm-up: imports, connections, the server's caches.
-    for _name, make in contenders[:1]:
-        asyncio.run(make())
-    for round_number in range(rounds):
-        for name, make in contenders:
-            rate = asyncio.run(make())
-            rates[name].append(rate)
-            print(
-                f"round {round_number + 1} {name:<40} {rate:>10,.0f} msg/s",
-                file=sys.stderr,
-                flush=True,
-            )
+    rates = harness.run_rounds(
+        contenders, rounds, label=lambda name: f"{name:<40}", warmup=[contenders[0][1]]
+    )
 
     print(
         f"\nB7 NATS JetStream: {count:,} messages (FastStream {fs_count:,}), no-op handler, "
         f"{rounds} interleaved rounds"
     )
-    print(f"{'contender':<40}{'median msg/s':>14}{'vs hand-written':>17}{'vs FastStream':>15}")
-    table: list[dict[str, object]] = []
-    for name, _ in contenders:
-        mine = rates[name]
-        ratios = {
-            baseline: statistics.median(a / b for a, b in zip(mine, rates[baseline], strict=True))
-            for baseline in (BASELINE, FASTSTREAM)
-        }
-        print(
-            f"{name:<40}{statistics.median(mine):>14,.0f}"
-            f"{ratios[BASELINE]:>16.2f}x{ratios[FASTSTREAM]:>14.2f}x"
-        )
-        table.append(
-            {
-                "contender": name,
-                "rates": mine,
-                "median_rate": statistics.median(mine),
-                "median_ratio_vs": ratios,
-            }
-        )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "messages": count,
-                "faststream_messages": fs_count,
-                "rounds": rounds,
-                "results": table,
-            },
-            indent=2,
-        )
+    table = harness.ratio_table(
+        rates, [(BASELINE, "vs hand-written", 17), (FASTSTREAM, "vs FastStream", 15)], width=40
     )
-    print(f"\nwrote {RESULTS}")
+    harness.write_json(
+        RESULTS,
+        {"messages": count, "faststream_messages": fs_count, "rounds": rounds, "results": table},
+    )
     return 0
 
 
