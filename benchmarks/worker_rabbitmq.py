@@ -31,33 +31,31 @@ FastStream. Run it under ``flock /tmp/bench.lock``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
-import statistics
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 from pamqp.commands import Basic
 
-from headrace.messaging import Message, OutgoingMessage, Worker
+from headrace.messaging import Worker
 from headrace.messaging.brokers.rabbitmq import RabbitMQBroker
+
+if __package__:  # python -m benchmarks.worker_rabbitmq
+    from . import _harness as harness
+else:  # python benchmarks/worker_rabbitmq.py
+    import _harness as harness
 
 URL = os.environ.get("HEADRACE_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 RESULTS = Path(__file__).parent / "results" / "worker_rabbitmq.json"
 BODY = b'{"order": 12345, "amount": 99.5}'
 PREFETCH = 100
 ACK_EVERY = 50
-
-
-async def noop(_: object) -> None:
-    return None
+noop = harness.noop
 
 
 async def _fill_queue(url: str, name: str, count: int) -> None:
@@ -133,84 +131,45 @@ async def faststream(url: str, count: int) -> float:
             done.set()
 
     try:
-        started = time.perf_counter()
-        await broker.start()
-        await asyncio.wait_for(done.wait(), timeout=300)
-        elapsed = time.perf_counter() - started
+        return await harness.drain_rate(broker, done, count, timeout=300)
     finally:
-        await broker.stop()
         await _delete(url, [name])
-    return count / elapsed
 
 
 async def _filled_broker(url: str, count: int, **options: Any) -> RabbitMQBroker:
     broker = RabbitMQBroker(url, prefix=f"bench-rmq-{uuid.uuid4().hex[:8]}.", **options)
     await broker.connect()
-    for start in range(0, count, 1000):
-        await broker.publish("jobs", [OutgoingMessage(BODY)] * min(1000, count - start))
+    await harness.publish(broker, "jobs", BODY, count)
     return broker
 
 
 async def headrace_worker(url: str, count: int, concurrency: int, **options: Any) -> float:
     broker = await _filled_broker(url, count, **options)
     try:
-        worker = Worker(broker)
-        handled = 0
-
-        @worker.handler("jobs", concurrency=concurrency)
-        async def handle(message: Message) -> None:
-            nonlocal handled
-            handled += 1
-            if handled == count:
-                worker.stop()
-
-        started = time.perf_counter()
-        stats = await worker.run(handle_signals=False)
-        elapsed = time.perf_counter() - started
-        assert stats.acked == count, stats
+        return await harness.worker_rate(Worker(broker), count, "jobs", concurrency)
     finally:
         await broker.close()
         await _delete(url, sorted(broker.declared_queues))
-    return count / elapsed
 
 
 async def headrace_fetch_ack(url: str, count: int) -> float:
     broker = await _filled_broker(url, count)
     try:
-        handled = 0
-        started = time.perf_counter()
-        while handled < count:
-            batch = await broker.fetch("jobs", 100, timeout=1.0, lease=30.0)
-            await asyncio.gather(*(noop(message) for message in batch))
-            handled += len(batch)
-            await broker.ack(batch)
-        elapsed = time.perf_counter() - started
-        assert handled == count, handled
+        return await harness.fetch_ack_rate(broker, "jobs", count, 100)
     finally:
         await broker.close()
         await _delete(url, sorted(broker.declared_queues))
-    return count / elapsed
 
-
-Contender = tuple[str, Callable[[], Coroutine[Any, Any, float]]]
 
 BASELINES = ("hand-written aio-pika", "FastStream")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--messages", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="10k messages instead of 50k")
-    parser.add_argument("--url", default=URL)
-    parser.add_argument(
-        "--only", action="append", default=None, help="extra contenders whose name has this"
-    )
-    arguments = parser.parse_args()
-    count = arguments.messages or (10_000 if arguments.quick else 50_000)
+    arguments = harness.parser(__doc__, url=URL, only=True).parse_args()
+    count = harness.message_count(arguments)
     rounds = max(5, arguments.rounds)
     url = arguments.url
-    contenders: list[Contender] = [
+    contenders: list[tuple[str, harness.Make]] = [
         (BASELINES[0], lambda: hand_written(url, count)),
         (BASELINES[1], lambda: faststream(url, count)),
         ("headrace c=16", lambda: headrace_worker(url, count, 16)),
@@ -218,52 +177,19 @@ def main() -> int:
         ("headrace c=16 prefetch=100", lambda: headrace_worker(url, count, 16, prefetch=100)),
         ("headrace fetch(100)+ack", lambda: headrace_fetch_ack(url, count)),
     ]
-    if arguments.only:
-        contenders = [
-            (name, make)
-            for name, make in contenders
-            if name in BASELINES or any(wanted in name for wanted in arguments.only)
-        ]
-    rates: dict[str, list[float]] = {name: [] for name, _ in contenders}
+    contenders = harness.keep_only(contenders, BASELINES, arguments.only)
     # Warm-up: imports, connections, the server's caches.
-    for _name, make in contenders[:1]:
-        asyncio.run(make())
-    for round_number in range(rounds):
-        for name, make in contenders:
-            rate = asyncio.run(make())
-            rates[name].append(rate)
-            print(
-                f"round {round_number + 1} {name:<30} {rate:>10,.0f} msg/s",
-                file=sys.stderr,
-                flush=True,
-            )
+    rates = harness.run_rounds(
+        contenders, rounds, label=lambda name: f"{name:<30}", warmup=[contenders[0][1]]
+    )
 
     print(f"\nB7 rabbitmq: {count:,} messages, no-op handler, {rounds} interleaved rounds")
-    print(f"{'contender':<30}{'median msg/s':>14}{'vs hand-written':>17}{'vs FastStream':>15}")
-    table: list[dict[str, object]] = []
-    for name, _ in contenders:
-        mine = rates[name]
-        ratios = {
-            baseline: statistics.median(a / b for a, b in zip(mine, rates[baseline], strict=True))
-            for baseline in BASELINES
-        }
-        print(
-            f"{name:<30}{statistics.median(mine):>14,.0f}"
-            f"{ratios[BASELINES[0]]:>16.2f}x{ratios[BASELINES[1]]:>14.2f}x"
-        )
-        table.append(
-            {
-                "contender": name,
-                "rates": mine,
-                "median_rate": statistics.median(mine),
-                "median_ratio_vs": ratios,
-            }
-        )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps({"messages": count, "rounds": rounds, "results": table}, indent=2)
+    table = harness.ratio_table(
+        rates,
+        [(BASELINES[0], "vs hand-written", 17), (BASELINES[1], "vs FastStream", 15)],
+        width=30,
     )
-    print(f"\nwrote {RESULTS}")
+    harness.write_json(RESULTS, {"messages": count, "rounds": rounds, "results": table})
     return 0
 
 
