@@ -23,9 +23,7 @@ FastStream is much slower, so it consumes a fifth of the messages (rates compare
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import sqlite3
 import statistics
@@ -33,11 +31,15 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from headrace.messaging import Message, OutgoingMessage, Producer, SqliteBroker, Worker
+from headrace.messaging import OutgoingMessage, Producer, SqliteBroker, Worker
+
+if __package__:  # python -m benchmarks.worker
+    from . import _harness as harness
+else:  # python benchmarks/worker.py (before this folder leaves sys.path, below)
+    import _harness as harness
 
 # Python puts this script's folder first on sys.path, where benchmarks/http.py would
 # shadow the standard library's http package (which FastStream imports later).
@@ -46,10 +48,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 REDIS_URL = os.environ.get("HEADRACE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 RESULTS = Path(__file__).parent / "results" / "worker.json"
 BODY = b'{"order": 12345, "amount": 99.5}'
-
-
-async def noop(_: object) -> None:
-    return None
+noop = harness.noop
 
 
 # -- Redis --------------------------------------------------------------------------
@@ -96,34 +95,14 @@ async def redis_handwritten(count: int) -> float:
     return count / elapsed
 
 
-async def _run_worker_until(
-    worker: Worker, count: int, topic: str, concurrency: int, prefetch: int | None = None
-) -> float:
-    handled = 0
-
-    @worker.handler(topic, concurrency=concurrency, prefetch=prefetch)
-    async def handle(message: Message) -> None:
-        nonlocal handled
-        handled += 1
-        if handled == count:
-            worker.stop()
-
-    started = time.perf_counter()
-    stats = await worker.run(handle_signals=False)
-    elapsed = time.perf_counter() - started
-    assert stats.acked == count, stats
-    return count / elapsed
-
-
 async def redis_headrace(count: int) -> float:
     from headrace.messaging.brokers.redis import RedisBroker
 
     prefix = f"bench-hr-{uuid.uuid4().hex[:8]}:"
     broker = RedisBroker(REDIS_URL, prefix=prefix)
     await broker.connect()
-    for start in range(0, count, 1000):
-        await broker.publish("jobs", [OutgoingMessage(BODY)] * min(1000, count - start))
-    rate = await _run_worker_until(Worker(broker), count, "jobs", 100)
+    await harness.publish(broker, "jobs", BODY, count)
+    rate = await harness.worker_rate(Worker(broker), count, "jobs", 100)
     await broker.close()
     client = await _redis_client()
     keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
@@ -152,14 +131,10 @@ async def redis_faststream(count: int) -> float:
         if handled >= count:
             done.set()
 
-    started = time.perf_counter()
-    await broker.start()
-    await asyncio.wait_for(done.wait(), timeout=600)
-    elapsed = time.perf_counter() - started
-    await broker.stop()
+    rate = await harness.drain_rate(broker, done, count)
     await client.delete(stream)
     await client.aclose()
-    return count / elapsed
+    return rate
 
 
 # -- SQLite -------------------------------------------------------------------------
@@ -201,8 +176,7 @@ async def sqlite_handwritten(count: int, directory: Path) -> float:
 async def _sqlite_broker_with(count: int, directory: Path) -> SqliteBroker:
     broker = SqliteBroker(_fresh(directory, "hr"))
     await broker.connect()
-    for start in range(0, count, 1000):
-        await broker.publish("jobs", [OutgoingMessage(BODY)] * min(1000, count - start))
+    await harness.publish(broker, "jobs", BODY, count)
     return broker
 
 
@@ -210,7 +184,7 @@ async def sqlite_headrace(
     count: int, directory: Path, concurrency: int, prefetch: int | None = None
 ) -> float:
     broker = await _sqlite_broker_with(count, directory)
-    rate = await _run_worker_until(Worker(broker), count, "jobs", concurrency, prefetch)
+    rate = await harness.worker_rate(Worker(broker), count, "jobs", concurrency, prefetch)
     await broker.close()
     return rate
 
@@ -221,7 +195,7 @@ async def memory_headrace(count: int) -> float:
 
     broker = MemoryBroker(max_deliveries=None)
     await broker.publish("jobs", [OutgoingMessage(BODY)] * count)
-    rate = await _run_worker_until(Worker(broker), count, "jobs", 100)
+    rate = await harness.worker_rate(Worker(broker), count, "jobs", 100)
     await broker.close()
     return rate
 
@@ -259,14 +233,11 @@ async def sqlite_publish_producer(count: int, directory: Path) -> float:
 
 # -- driver -------------------------------------------------------------------------
 
-Contender = tuple[str, str, Callable[[], Awaitable[float]]]
+Contender = tuple[str, str, harness.Make]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="10k messages instead of 50k")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--messages", type=int, default=None)
+    parser = harness.parser(__doc__)
     parser.add_argument("--no-redis", action="store_true")
     parser.add_argument("--no-faststream", action="store_true")
     parser.add_argument(
@@ -276,7 +247,7 @@ def main() -> int:
         help="run only the groups whose name contains this (repeatable): sqlite, publish, redis",
     )
     arguments = parser.parse_args()
-    count = arguments.messages or (10_000 if arguments.quick else 50_000)
+    count = harness.message_count(arguments)
     directory = Path(tempfile.mkdtemp(prefix="headrace-bench-"))
 
     groups: dict[str, list[Contender]] = {
@@ -313,30 +284,25 @@ def main() -> int:
             for name, contenders in groups.items()
             if any(wanted in name for wanted in arguments.group)
         }
-    rates: dict[str, dict[str, list[float]]] = {
-        group: {name: [] for name, _, _ in contenders} for group, contenders in groups.items()
-    }
-    for round_number in range(arguments.rounds):
-        for group, contenders in groups.items():
-            for name, _, make in contenders:
-                rate = asyncio.run(make())
-                rates[group][name].append(rate)
-                print(
-                    f"round {round_number + 1} {group:<10} {name:<20} {rate:>10,.0f} msg/s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    rates = harness.run_rounds(
+        [
+            ((group, name), make)
+            for group, contenders in groups.items()
+            for name, _, make in contenders
+        ],
+        arguments.rounds,
+        label=lambda key: f"{key[0]:<10} {key[1]:<20}",
+    )
 
     print(f"\nworker benchmark: {count:,} messages, no-op handler, {arguments.rounds} rounds")
     print(f"{'group':<11}{'contender':<22}{'median msg/s':>14}{'ratio vs baseline':>20}")
     table: list[dict[str, object]] = []
     for group, contenders in groups.items():
         baseline = next(name for name, role, _ in contenders if role == "baseline")
-        base_rates = rates[group][baseline]
+        base_rates = rates[group, baseline]
         for name, role, _ in contenders:
-            mine = rates[group][name]
-            ratios = [a / b for a, b in zip(mine, base_rates, strict=True)]
-            ratio = statistics.median(ratios)
+            mine = rates[group, name]
+            ratio = harness.median_ratio(mine, base_rates)
             print(f"{group:<11}{name:<22}{statistics.median(mine):>14,.0f}{ratio:>19.2f}x")
             table.append(
                 {
@@ -348,17 +314,13 @@ def main() -> int:
                     "ratio_vs_baseline": ratio,
                 }
             )
-        if group == "B3 redis" and "FastStream defaults" in rates[group]:
-            ours = rates[group]["headrace c=100"]
-            theirs = rates[group]["FastStream defaults"]
-            versus = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+        if group == "B3 redis" and (group, "FastStream defaults") in rates:
+            ours = rates[group, "headrace c=100"]
+            theirs = rates[group, "FastStream defaults"]
+            versus = harness.median_ratio(ours, theirs)
             print(f"{'':<11}{'headrace / FastStream':<22}{'':>14}{versus:>19.2f}x")
             table.append({"group": group, "contender": "headrace/FastStream", "ratio": versus})
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps({"messages": count, "rounds": arguments.rounds, "results": table}, indent=2)
-    )
-    print(f"\nwrote {RESULTS}")
+    harness.write_json(RESULTS, {"messages": count, "rounds": arguments.rounds, "results": table})
     return 0
 
 
