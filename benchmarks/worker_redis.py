@@ -26,9 +26,8 @@ the table shows median rates and the medians of the per-round ratios. The full
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
+import itertools
 import os
 import statistics
 import time
@@ -39,6 +38,11 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from headrace.messaging.brokers.redis import RedisBroker
+
+if __package__:  # python -m benchmarks.worker_redis
+    from . import _harness as harness
+else:  # python benchmarks/worker_redis.py
+    import _harness as harness
 
 GROUP = "bench"
 BATCH = 100
@@ -126,31 +130,26 @@ async def faststream(url: str, key: str, count: int) -> float:
         if handled == count:
             done.set()
 
-    started = time.perf_counter()
-    await broker.start()
-    try:
-        await asyncio.wait_for(done.wait(), timeout=600)
-        elapsed = time.perf_counter() - started
-    finally:
-        await broker.stop()
+    rate = await harness.drain_rate(broker, done, count)
     pending = await client.xpending(key, GROUP)
     await client.delete(key)
     await client.aclose()
     assert pending["pending"] == 0, pending
-    return count / elapsed
+    return rate
 
 
 Variant = Callable[[str, str, int], Awaitable[float]]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=50_000)
+    parser = harness.parser(
+        __doc__,
+        url="redis://127.0.0.1:6379/15",
+        messages=50_000,
+        quick_help="10k messages (FastStream 2k)",
+    )
     parser.add_argument("--faststream-messages", type=int, default=5_000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--url", default="redis://127.0.0.1:6379/15")
     parser.add_argument("--no-faststream", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="10k messages (FastStream 2k)")
     args = parser.parse_args()
     if args.quick:
         args.messages, args.faststream_messages = 10_000, 2_000
@@ -163,24 +162,25 @@ def main() -> None:
     }
     if not args.no_faststream:
         variants["FastStream"] = (faststream, args.faststream_messages)
-    rates: dict[str, list[float]] = {name: [] for name in variants}
-    # Warm-up: imports, script loading, connection setup.
-    for name, (variant, _count) in variants.items():
-        asyncio.run(variant(args.url, stream_name(prefix, "warm", 0) + name[:4], 500))
-    for round_ in range(rounds):
-        for name, (variant, count) in variants.items():
-            key = stream_name(prefix, name.split()[0].lower(), round_)
-            rates[name].append(asyncio.run(variant(args.url, key, count)))
+
+    def warm(name: str, variant: Variant) -> harness.Make:
+        return lambda: variant(args.url, stream_name(prefix, "warm", 0) + name[:4], 500)
+
+    def per_round(name: str, variant: Variant, count: int) -> harness.Make:
+        round_ = itertools.count()  # each contender runs once per round, in round order
+        tag = name.split()[0].lower()
+        return lambda: variant(args.url, stream_name(prefix, tag, next(round_)), count)
+
+    rates = harness.run_rounds(
+        [(name, per_round(name, variant, count)) for name, (variant, count) in variants.items()],
+        rounds,
+        # Warm-up: imports, script loading, connection setup.
+        warmup=[warm(name, variant) for name, (variant, _count) in variants.items()],
+    )
     base = rates["hand-written"]
     ours = rates["headrace fetch+ack"]
-    ratios = {
-        name: [r / b for r, b in zip(values, base, strict=True)] for name, values in rates.items()
-    }
-    vs_faststream = (
-        [o / f for o, f in zip(ours, rates["FastStream"], strict=True)]
-        if "FastStream" in rates
-        else []
-    )
+    ratios = {name: harness.ratios(values, base) for name, values in rates.items()}
+    vs_faststream = harness.ratios(ours, rates["FastStream"]) if "FastStream" in rates else []
     print(
         f"Redis stream, no-op handler, batches of {BATCH}: {args.messages} messages "
         f"(FastStream {args.faststream_messages}), {rounds} interleaved rounds"
@@ -198,27 +198,24 @@ def main() -> None:
             f"headrace fetch+ack vs FastStream: {statistics.median(vs_faststream):.1f}x "
             f"(per round: {', '.join(f'{r:.1f}' for r in vs_faststream)})"
         )
-    out = Path(__file__).parent / "results" / "worker_redis.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "messages": args.messages,
-                "faststream_messages": args.faststream_messages,
-                "batch": BATCH,
-                "rounds": rounds,
-                "rates": rates,
-                "ratios_vs_hand_written": ratios,
-                "median_ratios_vs_hand_written": {
-                    name: statistics.median(values) for name, values in ratios.items()
-                },
-                "headrace_vs_faststream": vs_faststream,
-                "median_headrace_vs_faststream": statistics.median(vs_faststream)
-                if vs_faststream
-                else None,
+    harness.write_json(
+        Path(__file__).parent / "results" / "worker_redis.json",
+        {
+            "messages": args.messages,
+            "faststream_messages": args.faststream_messages,
+            "batch": BATCH,
+            "rounds": rounds,
+            "rates": rates,
+            "ratios_vs_hand_written": ratios,
+            "median_ratios_vs_hand_written": {
+                name: statistics.median(values) for name, values in ratios.items()
             },
-            indent=2,
-        )
+            "headrace_vs_faststream": vs_faststream,
+            "median_headrace_vs_faststream": statistics.median(vs_faststream)
+            if vs_faststream
+            else None,
+        },
+        announce=False,
     )
 
 
