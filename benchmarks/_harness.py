@@ -156,6 +156,27 @@ def ratio_table(
     return table
 
 
+def compare(
+    contenders: list[tuple[str, Make]],
+    baselines: Sequence[tuple[str, str, int]],
+    *,
+    rounds: int,
+    only: Sequence[str] | None,
+    width: int,
+    title: str,
+) -> list[dict[str, object]]:
+    """The broker benchmarks' run: keep the baselines and the contenders ``--only`` names,
+    warm up with the first contender (imports, connections, the server's caches), run
+    ``rounds`` interleaved rounds with progress on stderr, print ``title`` and the
+    :func:`ratio_table`; its JSON rows."""
+    contenders = keep_only(contenders, [name for name, _, _ in baselines], only)
+    rates = run_rounds(
+        contenders, rounds, label=lambda name: f"{name:<{width}}", warmup=[contenders[0][1]]
+    )
+    print(title)
+    return ratio_table(rates, baselines, width=width)
+
+
 def write_json(path: Path, payload: object, *, announce: bool = True) -> None:
     """Write ``payload`` to ``path`` (benchmarks/results/NAME.json), indented."""
     path.parent.mkdir(parents=True, exist_ok=True)

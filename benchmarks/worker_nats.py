@@ -199,18 +199,16 @@ def main() -> int:
         ("headrace fetch(100)+ack", lambda: headrace_fetch_ack(url, count)),
         ("headrace publish (batches of 1000)", lambda: publish_rate(url, count)),
     ]
-    contenders = harness.keep_only(contenders, (BASELINE, FASTSTREAM), arguments.only)
-    # Warm-up: imports, connections, the server's caches.
-    rates = harness.run_rounds(
-        contenders, rounds, label=lambda name: f"{name:<40}", warmup=[contenders[0][1]]
-    )
-
-    print(
-        f"\nB7 NATS JetStream: {count:,} messages (FastStream {fs_count:,}), no-op handler, "
-        f"{rounds} interleaved rounds"
-    )
-    table = harness.ratio_table(
-        rates, [(BASELINE, "vs hand-written", 17), (FASTSTREAM, "vs FastStream", 15)], width=40
+    table = harness.compare(
+        contenders,
+        [(BASELINE, "vs hand-written", 17), (FASTSTREAM, "vs FastStream", 15)],
+        rounds=rounds,
+        only=arguments.only,
+        width=40,
+        title=(
+            f"\nB7 NATS JetStream: {count:,} messages (FastStream {fs_count:,}), no-op handler, "
+            f"{rounds} interleaved rounds"
+        ),
     )
     harness.write_json(
         RESULTS,

@@ -177,17 +177,13 @@ def main() -> int:
         ("headrace c=16 prefetch=100", lambda: headrace_worker(url, count, 16, prefetch=100)),
         ("headrace fetch(100)+ack", lambda: headrace_fetch_ack(url, count)),
     ]
-    contenders = harness.keep_only(contenders, BASELINES, arguments.only)
-    # Warm-up: imports, connections, the server's caches.
-    rates = harness.run_rounds(
-        contenders, rounds, label=lambda name: f"{name:<30}", warmup=[contenders[0][1]]
-    )
-
-    print(f"\nB7 rabbitmq: {count:,} messages, no-op handler, {rounds} interleaved rounds")
-    table = harness.ratio_table(
-        rates,
+    table = harness.compare(
+        contenders,
         [(BASELINES[0], "vs hand-written", 17), (BASELINES[1], "vs FastStream", 15)],
+        rounds=rounds,
+        only=arguments.only,
         width=30,
+        title=f"\nB7 rabbitmq: {count:,} messages, no-op handler, {rounds} interleaved rounds",
     )
     harness.write_json(RESULTS, {"messages": count, "rounds": rounds, "results": table})
     return 0
