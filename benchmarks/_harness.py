@@ -24,9 +24,10 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Hashable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from headrace.messaging import Broker, Message, OutgoingMessage, Worker
+if TYPE_CHECKING:  # the scripts that time no broker need not import the messaging package
+    from headrace.messaging import Broker, Message, Worker
 
 Make = Callable[[], Coroutine[Any, Any, float]]
 """One run of a contender: a fresh coroutine per call, returning messages (items) per second."""
@@ -178,7 +179,8 @@ def compare(
 
 
 def write_json(path: Path, payload: object, *, announce: bool = True) -> None:
-    """Write ``payload`` to ``path`` (benchmarks/results/NAME.json), indented."""
+    """Write ``payload`` to ``path`` (benchmarks/results/NAME.json), indented; with
+    ``announce``, print ``wrote <path>`` after a blank line."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     if announce:
@@ -190,6 +192,8 @@ def write_json(path: Path, payload: object, *, announce: bool = True) -> None:
 
 async def publish(broker: Broker, topic: str, body: bytes, count: int, chunk: int = 1000) -> None:
     """Publish ``count`` copies of ``body`` to ``topic``, ``chunk`` per call (set-up, untimed)."""
+    from headrace.messaging import OutgoingMessage
+
     for start in range(0, count, chunk):
         await broker.publish(topic, [OutgoingMessage(body)] * min(chunk, count - start))
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 from pathlib import Path
 
 from headrace import Channel
+
+if __package__:  # python -m benchmarks.channel
+    from . import _harness as harness
+else:  # python benchmarks/channel.py
+    import _harness as harness
 
 CAPACITY = 64
 _DONE = object()
@@ -106,7 +110,6 @@ def main() -> None:
     rounds = max(args.rounds, 5)
     queue_rates: list[float] = []
     channel_rates: list[float] = []
-    ratios: list[float] = []
     timed(queue_relay, 10_000)  # warm up imports and allocator
     timed(channel_relay, 10_000)
     for _ in range(rounds):
@@ -114,7 +117,7 @@ def main() -> None:
         c = timed(channel_relay, args.items)
         queue_rates.append(q)
         channel_rates.append(c)
-        ratios.append(c / q)
+    ratios = harness.ratios(channel_rates, queue_rates)
     ratio = statistics.median(ratios)
     rows = [
         ("asyncio.Queue", statistics.median(queue_rates), 1.0),
@@ -125,22 +128,19 @@ def main() -> None:
     for name, rate, r in rows:
         print(f"{name:<20}{rate:>18,.0f}{r:>9.2f}x")
     print(f"per-round ratios: {', '.join(f'{r:.2f}' for r in ratios)}; goal >= 1.30x")
-    out = Path(__file__).parent / "results" / "channel.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "items": args.items,
-                "rounds": rounds,
-                "capacity": CAPACITY,
-                "queue_items_per_s": queue_rates,
-                "channel_items_per_s": channel_rates,
-                "ratios": ratios,
-                "median_ratio": ratio,
-                "goal": 1.3,
-            },
-            indent=2,
-        )
+    harness.write_json(
+        Path(__file__).parent / "results" / "channel.json",
+        {
+            "items": args.items,
+            "rounds": rounds,
+            "capacity": CAPACITY,
+            "queue_items_per_s": queue_rates,
+            "channel_items_per_s": channel_rates,
+            "ratios": ratios,
+            "median_ratio": ratio,
+            "goal": 1.3,
+        },
+        announce=False,
     )
 
 

@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from headrace import Pipeline
+
+if __package__:  # python -m benchmarks.pipeline
+    from . import _harness as harness
+else:  # python benchmarks/pipeline.py
+    import _harness as harness
 
 BUFFER = 64
 FAN_OUT = 8
@@ -167,10 +171,7 @@ def scenario(
     for _ in range(rounds):
         for name in VARIANTS:
             rates[name].append(timed(name, aio_items if name == "aiostream" else items, fan_out))
-    ratios = {
-        name: statistics.median(h / b for h, b in zip(rates["headrace"], rates[name], strict=True))
-        for name in VARIANTS
-    }
+    ratios = {name: harness.median_ratio(rates["headrace"], rates[name]) for name in VARIANTS}
     print(
         f"\n{label}: {items} ints, 3 trivial async stages"
         + (f", stage a with {fan_out} workers + fan-in" if fan_out > 1 else "")
@@ -207,9 +208,7 @@ def main() -> None:
         "\ngoals: B1 >= 1.0x hand-written, >= 0.5x for loop (floor), >= 10x aiostream; "
         "B1b >= 1.0x hand-written, >= 20x aiostream"
     )
-    out = Path(__file__).parent / "results" / "pipeline.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    harness.write_json(Path(__file__).parent / "results" / "pipeline.json", results, announce=False)
 
 
 if __name__ == "__main__":

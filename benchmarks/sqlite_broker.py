@@ -28,9 +28,7 @@ Prints a table (median msgs/s and median per-round ratio) and writes
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import sqlite3
 import statistics
 import tempfile
@@ -40,6 +38,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from headrace.messaging import OutgoingMessage, SqliteBroker
+
+if __package__:  # python -m benchmarks.sqlite_broker
+    from . import _harness as harness
+else:  # python benchmarks/sqlite_broker.py
+    import _harness as harness
 
 TOPIC = "bench"
 PUBLISH_BATCH = 500
@@ -203,10 +206,7 @@ async def hop_to_thread(path: Path, calls: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=50_000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="10k messages, 3 rounds")
+    parser = harness.parser(__doc__, messages=50_000, quick_help="10k messages, 3 rounds")
     args = parser.parse_args()
     if args.quick:
         args.messages, args.rounds = 10_000, 3
@@ -252,7 +252,7 @@ def main() -> None:
         f"{'scenario':<11} {'baseline':<24} {'base/s':>10} {'headrace':<21} {'ours/s':>10} {'ratio':>6}"
     )
     for scenario, runs in results.items():
-        ratios = [h / b for b, h in zip(runs["baseline"], runs["headrace"], strict=True)]
+        ratios = harness.ratios(runs["headrace"], runs["baseline"])
         base, ours, ratio = (
             statistics.median(runs["baseline"]),
             statistics.median(runs["headrace"]),
@@ -262,12 +262,10 @@ def main() -> None:
         left, right = labels[scenario]
         print(f"{scenario:<11} {left:<24} {base:>10,.0f} {right:<21} {ours:>10,.0f} {ratio:>5.2f}x")
     out = Path(__file__).parent / "results" / "sqlite_broker.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"messages": count, "rounds": args.rounds, "summary": summary, "runs": results},
-            indent=2,
-        )
+    harness.write_json(
+        out,
+        {"messages": count, "rounds": args.rounds, "summary": summary, "runs": results},
+        announce=False,
     )
     print(f"wrote {out}")
 
