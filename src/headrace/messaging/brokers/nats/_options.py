@@ -15,41 +15,28 @@ share a name; long names end in a hash instead.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
-from ...._errors import ConfigurationError, redact
+from ...._errors import ConfigurationError
+from .._options import SecretScrubber, cap_or_none, seconds, take_options
 
 __all__ = ["Scrubber", "encode_topic", "split_options"]
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError("not finite")
-    return value
-
-
-def _int_or_none(text: str) -> int | None:
-    if text.lower() in ("none", "off", "0", ""):
-        return None
-    return int(text)
 
 
 URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "prefix": str,
     "durable": str,
-    "lease": _seconds,
-    "max_lease": _seconds,
-    "max_deliveries": _int_or_none,
+    "lease": seconds,
+    "max_lease": seconds,
+    "max_deliveries": cap_or_none,
     "max_ack_pending": int,
     "replicas": int,
     "storage": str,
-    "request_timeout": _seconds,
-    "promote_interval": _seconds,
+    "request_timeout": seconds,
+    "promote_interval": seconds,
 }
 
 # Encoded topics longer than this end in a hash of the topic (stream names stay short).
@@ -80,10 +67,10 @@ def encode_topic(topic: str) -> str:
     return encoded
 
 
-class Scrubber:
+class Scrubber(SecretScrubber):
     """Removes the URL's password or token from text (a callable; cheap to keep)."""
 
-    __slots__ = ("_secrets",)
+    __slots__ = ()
 
     def __init__(self, *urls: str) -> None:
         found: list[str] = []
@@ -97,13 +84,11 @@ class Scrubber:
             elif parts.username and "@" in parts.netloc:
                 # nats://token@host: the user part is the token itself.
                 found += [parts.username, unquote(parts.username)]
-        self._secrets = sorted({s for s in found if s}, key=len, reverse=True)
+        super().__init__(found)
 
-    def __call__(self, text: str) -> str:
-        text = redact(text)
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+
+def _shown(url: str) -> str:
+    return Scrubber(url)(url)
 
 
 def split_options(url: str) -> tuple[str, dict[str, Any]]:
@@ -111,35 +96,19 @@ def split_options(url: str) -> tuple[str, dict[str, Any]]:
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("nats", "tls", "ws", "wss"):
         raise ConfigurationError(
-            f"broker URL {Scrubber(url)(url)!r} is not a NATS URL "
+            f"broker URL {_shown(url)!r} is not a NATS URL "
             "(nats://[user:password@]host:4222, nats://token@host, tls://...)",
             code="invalid_broker_url",
         )
     if not parts.hostname:
         raise ConfigurationError(
-            f"broker URL {Scrubber(url)(url)!r} names no host", code="invalid_broker_url"
+            f"broker URL {_shown(url)!r} names no host", code="invalid_broker_url"
         )
-    if not parts.query:
-        return url, {}
-    ours: dict[str, Any] = {}
-    theirs: list[tuple[str, str]] = []
-    for name, text in parse_qsl(parts.query, keep_blank_values=True):
-        convert = URL_OPTIONS.get(name)
-        if convert is None:
-            theirs.append((name, text))
-            continue
-        try:
-            ours[name] = convert(text)
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"option {name}={text!r} in broker URL {Scrubber(url)(url)!r} is not valid: {exc}",
-                code="invalid_broker_url",
-            ) from None
-    if theirs:
-        names = ", ".join(sorted(name for name, _ in theirs))
+    rest, ours, unknown = take_options(url, URL_OPTIONS, _shown)
+    if unknown:
         raise ConfigurationError(
-            f"unknown option(s) {names} in broker URL {Scrubber(url)(url)!r}; known: "
-            f"{', '.join(sorted(URL_OPTIONS))} (pass nats-py's own options as keywords)",
+            f"unknown option(s) {', '.join(sorted(unknown))} in broker URL {_shown(url)!r}; "
+            f"known: {', '.join(sorted(URL_OPTIONS))} (pass nats-py's own options as keywords)",
             code="invalid_broker_url",
         )
-    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
+    return rest, ours

@@ -7,43 +7,23 @@ are taken out of the URL before it reaches psycopg. A ``key=value`` conninfo str
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
-from ...._errors import ConfigurationError, redact
+from .._options import SecretScrubber, cap_or_none, seconds, seconds_or_none, take_options
 
 __all__ = ["Scrubber", "split_options"]
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError("not finite")
-    return value
-
-
-def _seconds_or_none(text: str) -> float | None:
-    if text.lower() in ("none", "off", ""):
-        return None
-    return _seconds(text)
-
-
-def _max_deliveries(text: str) -> int | None:
-    if text.lower() in ("none", "off", "0", ""):
-        return None
-    return int(text)
 
 
 URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "schema": str,
     "prefix": str,
-    "max_deliveries": _max_deliveries,
-    "lease": _seconds,
-    "poll_interval": _seconds,
-    "command_timeout": _seconds_or_none,
+    "max_deliveries": cap_or_none,
+    "lease": seconds,
+    "poll_interval": seconds,
+    "command_timeout": seconds_or_none,
 }
 
 # password=... in a conninfo string or a URL query (quoted values may hold spaces).
@@ -58,28 +38,11 @@ def split_options(conninfo: str) -> tuple[str, dict[str, Any]]:
     """Remove the broker's options from a URL's query; return the URL for libpq and them."""
     if not is_url(conninfo):
         return conninfo, {}
-    parts = urlsplit(conninfo)
-    if not parts.query:
-        return conninfo, {}
-    ours: dict[str, Any] = {}
-    theirs: list[tuple[str, str]] = []
-    for name, text in parse_qsl(parts.query, keep_blank_values=True):
-        convert = URL_OPTIONS.get(name)
-        if convert is None:
-            theirs.append((name, text))
-            continue
-        try:
-            ours[name] = convert(text)
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"option {name}={text!r} in broker URL {Scrubber(conninfo)(conninfo)!r} is "
-                f"not valid: {exc}",
-                code="invalid_broker_url",
-            ) from None
-    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
+    rest, ours, _ = take_options(conninfo, URL_OPTIONS, lambda url: Scrubber(url)(url))
+    return rest, ours
 
 
-class Scrubber:
+class Scrubber(SecretScrubber):
     """Removes the password of one conninfo from any text (messages, reprs).
 
     Covers the URL form (``user:secret@``), ``password=`` settings in a conninfo
@@ -87,7 +50,7 @@ class Scrubber:
     it (when it is long enough not to match ordinary words).
     """
 
-    __slots__ = ("_secrets",)
+    __slots__ = ()
 
     def __init__(self, conninfo: str, password: str | None = None) -> None:
         found: set[str] = set()
@@ -103,10 +66,7 @@ class Scrubber:
             if at and ":" in userinfo:
                 secret = userinfo.partition(":")[2]
                 found.update((secret, unquote(secret)))
-        self._secrets = sorted((s for s in found if len(s) >= 4), key=len, reverse=True)
+        super().__init__(found, min_length=4)
 
-    def __call__(self, text: str) -> str:
-        text = _PASSWORD_SETTING.sub(r"\1***", redact(text))
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+    def _redacted(self, text: str) -> str:
+        return _PASSWORD_SETTING.sub(r"\1***", super()._redacted(text))

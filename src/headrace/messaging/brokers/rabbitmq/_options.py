@@ -5,17 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from ...._errors import ConfigurationError, redact
+from .._options import int_or_none, take_options
 
 __all__ = ["split_url"]
-
-
-def _int_or_none(text: str) -> int | None:
-    if text.lower() in ("none", "off", ""):
-        return None
-    return int(text)
 
 
 # Options that may be given in the URL's query; aio-pika reads the rest of it.
@@ -23,7 +18,7 @@ _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "prefix": str,
     "prefetch": int,
     "lease": float,
-    "max_deliveries": _int_or_none,
+    "max_deliveries": int_or_none,
     "settle_timeout": float,
 }
 
@@ -40,20 +35,5 @@ def split_url(url: str) -> tuple[str, dict[str, Any]]:
             "or amqps://",
             code="invalid_broker_url",
         )
-    if not parts.query:
-        return url, {}
-    ours: dict[str, Any] = {}
-    theirs: list[tuple[str, str]] = []
-    for name, text in parse_qsl(parts.query, keep_blank_values=True):
-        convert = _URL_OPTIONS.get(name)
-        if convert is None:
-            theirs.append((name, text))
-            continue
-        try:
-            ours[name] = convert(text)
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"option {name}={text!r} in broker URL {redact(url)!r} is not valid: {exc}",
-                code="invalid_broker_url",
-            ) from exc
-    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
+    rest, ours, _ = take_options(url, _URL_OPTIONS, redact)
+    return rest, ours
