@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from ..._clock import Clock, TimerHandle, default_clock
-from ..._errors import ClosedResourceError, ConfigurationError
+from ..._errors import ConfigurationError
 from .._broker import BrokerCapabilities, DeadLetter, Message, OutgoingMessage, TopicStats
 from . import (
     check_error_record,
@@ -30,6 +30,7 @@ from . import (
     check_topic,
     max_deliveries_record,
 )
+from ._base import BrokerLifecycle
 
 __all__ = ["MemoryBroker"]
 
@@ -141,7 +142,7 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class MemoryBroker:
+class MemoryBroker(BrokerLifecycle):
     """An in-process broker with leases, delayed retries and a dead-letter store.
 
     The reference adapter of the :class:`~headrace.messaging.Broker` contract: every
@@ -199,30 +200,9 @@ class MemoryBroker:
         """Everything supported; ``persistent`` is false."""
         return _CAPABILITIES
 
-    @property
-    def max_deliveries(self) -> int | None:
-        return self._max_deliveries
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"MemoryBroker(name={self._name!r}, {state})"
-
-    async def __aenter__(self) -> MemoryBroker:
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    def _check_open(self, operation: str) -> None:
-        if self._closed:
-            raise ClosedResourceError(
-                f"{operation}() on a closed {self!r}", context={"operation": operation}
-            )
 
     async def connect(self) -> None:
         """Nothing to connect; refuses a closed broker."""

@@ -15,7 +15,6 @@ import itertools
 import logging
 import math
 import time
-import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -42,6 +41,8 @@ from ...._errors import (
 )
 from ..._broker import BrokerCapabilities
 from .. import check_lease, check_max_deliveries
+from .._base import ServerBroker
+from .._options import check_url_type, merge_url_options
 from . import _codec as codec
 from ._options import Scrubber, check_name, split_options
 from ._state import _Pull, _TopicState
@@ -84,7 +85,7 @@ def _weak(owner: Any, method: Callable[..., Awaitable[None]]) -> Callable[..., A
     return call
 
 
-class _NatsConnection:
+class _NatsConnection(ServerBroker):
     """The state and plumbing of a :class:`~._broker.NatsBroker` (its base class).
 
     The constructor's arguments are documented on :class:`~._broker.NatsBroker`.
@@ -107,31 +108,22 @@ class _NatsConnection:
         clock: Clock | None = None,
         **nats_options: Any,
     ) -> None:
-        if not isinstance(url, str):
-            raise ConfigurationError(
-                f"NatsBroker(url=...) must be a string, got {type(url).__name__}",
-                code="invalid_broker_url",
-            )
-        self._scrub = Scrubber(url)
+        self._scrub = Scrubber(check_url_type(url, "NatsBroker(url=...)"))
         nats_url, from_url = split_options(url)
-        given: dict[str, Any] = {
-            "prefix": prefix,
-            "durable": durable,
-            "lease": lease,
-            "max_lease": max_lease,
-            "max_deliveries": max_deliveries,
-            "max_ack_pending": max_ack_pending,
-            "replicas": replicas,
-            "storage": storage,
-            "request_timeout": request_timeout,
-            "promote_interval": promote_interval,
-        }
-        defaults = _NatsConnection.__init__.__kwdefaults__ or {}
-        # A keyword argument left at its default yields to the URL's value.
-        options = {
-            name: from_url[name] if name in from_url and value == defaults.get(name) else value
-            for name, value in given.items()
-        }
+        options = merge_url_options(
+            from_url,
+            _NatsConnection.__init__.__kwdefaults__,
+            prefix=prefix,
+            durable=durable,
+            lease=lease,
+            max_lease=max_lease,
+            max_deliveries=max_deliveries,
+            max_ack_pending=max_ack_pending,
+            replicas=replicas,
+            storage=storage,
+            request_timeout=request_timeout,
+            promote_interval=promote_interval,
+        )
         self._prefix = check_name(options["prefix"], "prefix")
         self._durable = check_name(options["durable"], "durable")
         self._max_deliveries = check_max_deliveries(options["max_deliveries"], broker="NatsBroker")
@@ -164,6 +156,7 @@ class _NatsConnection:
             )
         self._storage = StorageType.FILE if options["storage"] == "file" else StorageType.MEMORY
         self._url = nats_url
+        self._shown = self._scrub(nats_url)
         self._nats_options = nats_options
         self._clock = clock if clock is not None else default_clock()
         self._client: Client | None = None
@@ -182,15 +175,6 @@ class _NatsConnection:
         self._closed = False
         self._connecting: asyncio.Future[None] | None = None
 
-    def __del__(self) -> None:
-        if getattr(self, "_connected", False) and not getattr(self, "_closed", True):
-            warnings.warn(
-                f"unclosed {self!r}: call await broker.close() (or use async with)",
-                ResourceWarning,
-                stacklevel=2,
-                source=self,
-            )
-
     # -- properties ------------------------------------------------------------------
 
     @property
@@ -200,17 +184,9 @@ class _NatsConnection:
         return self._capabilities
 
     @property
-    def max_deliveries(self) -> int | None:
-        return self._max_deliveries
-
-    @property
     def max_lease(self) -> float:
         """The consumers' AckWait in seconds: the longest lease a fetch may ask for."""
         return self._max_lease
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def stream_name(self, topic: str) -> str:
         """The JetStream stream of ``topic`` (its dead letters: the same plus ``-dead``)."""
@@ -219,7 +195,7 @@ class _NatsConnection:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return (
-            f"NatsBroker(url={self._scrub(self._url)!r}, prefix={self._prefix!r}, "
+            f"NatsBroker(url={self._shown!r}, prefix={self._prefix!r}, "
             f"durable={self._durable!r}, {state})"
         )
 
@@ -236,13 +212,7 @@ class _NatsConnection:
         return lease
 
     def _translated(self, operation: str, topic: str | None = None) -> _Translated:
-        return _Translated(self._scrub, self._url, operation, topic)
-
-    def _check_open(self, operation: str) -> None:
-        if self._closed:
-            raise ClosedResourceError(
-                f"{operation}() on a closed {self!r}", context={"operation": operation}
-            )
+        return _Translated(self._scrub, self._shown, operation, topic)
 
     def _state(self, topic: str) -> _TopicState:
         state = self._topics.get(topic)

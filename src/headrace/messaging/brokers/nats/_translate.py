@@ -9,14 +9,11 @@ scrubbed.
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Any
-
 import nats.errors as nats_errors
 import nats.js.errors as js_errors
 
-from ...._errors import BrokerConnectionError, BrokerError, translate_errors
-from ._options import Scrubber
+from ...._errors import BrokerConnectionError, BrokerError
+from .._base import ScrubbedTranslated
 
 _ERRORS = {
     nats_errors.TimeoutError: BrokerConnectionError,
@@ -33,39 +30,11 @@ _ERRORS = {
 }
 
 
-class _Translated:
-    """The choke point where nats-py errors become headrace errors (a context manager)."""
+class _Translated(ScrubbedTranslated):
+    """The choke point where nats-py errors become headrace errors (a context manager);
+    its ``scrub`` is the broker's :class:`~._options.Scrubber` (a NATS token has no
+    colon: :func:`~headrace.redact` alone would miss it)."""
 
-    __slots__ = ("operation", "scrub", "topic", "where_url")
-
-    def __init__(self, scrub: Scrubber, url: str, operation: str, topic: str | None) -> None:
-        self.scrub = scrub
-        self.where_url = url
-        self.operation = operation
-        self.topic = topic
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if exc is None or not isinstance(exc, Exception):
-            return
-        url = self.scrub(self.where_url)
-        context: dict[str, Any] = {"url": url, "operation": self.operation}
-        where = f"nats {self.operation}"
-        if self.topic is not None:
-            context["topic"] = self.topic
-            where += f"({self.topic!r})"
-        with translate_errors(
-            _ERRORS,
-            message=lambda error: (
-                f"{where} failed on {url}: {type(error).__name__}: {self.scrub(str(error))}"
-            ),
-            context=context,
-        ):
-            raise exc.with_traceback(traceback)
+    __slots__ = ()
+    errors = _ERRORS
+    system = "nats"

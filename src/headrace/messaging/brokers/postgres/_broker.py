@@ -118,18 +118,6 @@ class PostgresBroker(_PostgresConnection):
         # Claims waiting for the work connection: a flush leaves its acks to them.
         self._claims_waiting = 0
 
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> PostgresBroker:
-        """The broker for ``url``; keyword ``options`` win over the URL's query."""
-        return cls(url, **options)
-
-    async def __aenter__(self) -> PostgresBroker:
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
     # -- publish ---------------------------------------------------------------------
 
     async def publish(self, topic: str, messages: Sequence[OutgoingMessage]) -> list[str]:

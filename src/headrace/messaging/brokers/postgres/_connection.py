@@ -16,9 +16,7 @@ import logging
 import os
 import re
 import socket
-import warnings
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import psycopg
@@ -29,12 +27,12 @@ from ...._clock import Clock, default_clock
 from ...._errors import (
     BrokerConnectionError,
     BrokerError,
-    ClosedResourceError,
     ConfigurationError,
-    translate_errors,
 )
 from ..._broker import BrokerCapabilities
 from .. import check_lease, check_max_deliveries
+from .._base import ScrubbedTranslated, ServerBroker
+from .._options import check_url_type, merge_url_options
 from ._options import Scrubber, split_options
 from ._sql import Statements
 
@@ -90,7 +88,24 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class _PostgresConnection:
+def _one_line(scrub: Callable[[str], str], error: BaseException) -> str:
+    """A driver message for our errors and logs: password out, libpq's line breaks
+    and indented hints folded into one line (one log record, one line)."""
+    return " ".join(scrub(str(error)).split())
+
+
+class _Translated(ScrubbedTranslated):
+    """The choke point where psycopg errors become headrace errors (passwords out)."""
+
+    __slots__ = ()
+    errors = _ERRORS
+    system = "postgres"
+
+    def describe(self, error: BaseException) -> str:
+        return _one_line(self.scrub, error)
+
+
+class _PostgresConnection(ServerBroker):
     """The state and plumbing of a :class:`~._broker.PostgresBroker` (its base class).
 
     The constructor's arguments are documented on :class:`~._broker.PostgresBroker`.
@@ -110,28 +125,20 @@ class _PostgresConnection:
         clock: Clock | None = None,
         **connect_options: Any,
     ) -> None:
-        if not isinstance(conninfo, str):
-            raise ConfigurationError(
-                f"PostgresBroker(conninfo=...) must be a string, got {type(conninfo).__name__}",
-                code="invalid_broker_url",
-            )
+        check_url_type(conninfo, "PostgresBroker(conninfo=...)")
         password = connect_options.get("password")
         self._scrub = Scrubber(conninfo, password if isinstance(password, str) else None)
         libpq_conninfo, from_url = split_options(conninfo)
-        given: dict[str, Any] = {
-            "schema": schema,
-            "prefix": prefix,
-            "max_deliveries": max_deliveries,
-            "lease": lease,
-            "poll_interval": poll_interval,
-            "command_timeout": command_timeout,
-        }
-        defaults = _PostgresConnection.__init__.__kwdefaults__ or {}
-        # A keyword argument left at its default yields to the URL's value.
-        options = {
-            name: from_url[name] if name in from_url and value == defaults.get(name) else value
-            for name, value in given.items()
-        }
+        options = merge_url_options(
+            from_url,
+            _PostgresConnection.__init__.__kwdefaults__,
+            schema=schema,
+            prefix=prefix,
+            max_deliveries=max_deliveries,
+            lease=lease,
+            poll_interval=poll_interval,
+            command_timeout=command_timeout,
+        )
         schema, prefix = options["schema"], options["prefix"]
         if schema is not None and (not isinstance(schema, str) or not schema):
             raise ConfigurationError(
@@ -186,30 +193,12 @@ class _PostgresConnection:
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._listener: asyncio.Task[None] | None = None
 
-    def __del__(self) -> None:
-        # getattr: __init__ may have failed before setting the attributes.
-        if getattr(self, "_connected", False) and not getattr(self, "_closed", True):
-            warnings.warn(
-                f"unclosed {self!r}: call await broker.close() (or use async with)",
-                ResourceWarning,
-                stacklevel=2,
-                source=self,
-            )
-
     # -- properties ------------------------------------------------------------------
 
     @property
     def capabilities(self) -> BrokerCapabilities:
         """Everything supported; hand-backs are free; the table counts attempts."""
         return _CAPABILITIES
-
-    @property
-    def max_deliveries(self) -> int | None:
-        return self._max_deliveries
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def messages_table(self) -> str:
@@ -231,33 +220,8 @@ class _PostgresConnection:
 
     # -- plumbing --------------------------------------------------------------------
 
-    def _check_open(self, operation: str) -> None:
-        if self._closed:
-            raise ClosedResourceError(
-                f"{operation}() on a closed {self!r}", context={"operation": operation}
-            )
-
-    def _one_line(self, error: BaseException) -> str:
-        """A driver message for our errors and logs: password out, libpq's line breaks
-        and indented hints folded into one line (one log record, one line)."""
-        return " ".join(self._scrub(str(error)).split())
-
-    @contextmanager
-    def _translated(self, operation: str, topic: str | None = None) -> Iterator[None]:
-        """The choke point where psycopg errors become headrace errors (passwords out)."""
-        context: dict[str, Any] = {"url": self._shown, "operation": operation}
-        where = f"postgres {operation}"
-        if topic is not None:
-            context["topic"] = topic
-            where += f"({topic!r})"
-        with translate_errors(
-            _ERRORS,
-            message=lambda error: (
-                f"{where} failed on {self._shown}: {type(error).__name__}: {self._one_line(error)}"
-            ),
-            context=context,
-        ):
-            yield
+    def _translated(self, operation: str, topic: str | None = None) -> _Translated:
+        return _Translated(self._scrub, self._shown, operation, topic)
 
     async def _new_connection(self) -> Connection:
         conn = await psycopg.AsyncConnection.connect(
@@ -426,7 +390,7 @@ class _PostgresConnection:
                         "PostgreSQL listen connection of %s failed (%s); idle fetches "
                         "poll every %.2f s until it is back",
                         self._shown,
-                        self._one_line(exc),
+                        _one_line(self._scrub, exc),
                         self._poll_interval,
                     )
             finally:

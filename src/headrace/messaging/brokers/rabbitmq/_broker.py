@@ -108,18 +108,6 @@ class RabbitMQBroker(_RabbitConnection):
                 await broker.ack([message])
     """
 
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> RabbitMQBroker:
-        """The broker for ``url``; keyword ``options`` win over the URL's query."""
-        return cls(url, **options)
-
-    async def __aenter__(self) -> RabbitMQBroker:
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
     # -- publish ---------------------------------------------------------------------
 
     async def publish(self, topic: str, messages: Sequence[OutgoingMessage]) -> list[str]:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import warnings
 from collections.abc import Iterable, Sequence
-from types import TracebackType
 from typing import Any, cast
 
 import aio_pika
@@ -28,13 +26,13 @@ from ...._clock import Clock, default_clock
 from ...._errors import (
     BrokerConnectionError,
     BrokerError,
-    ClosedResourceError,
     ConfigurationError,
     redact,
-    translate_errors,
 )
 from ..._broker import BrokerCapabilities, Message
 from .. import check_lease, check_max_deliveries, check_topic
+from .._base import ServerBroker, Translated
+from .._options import check_url_type, merge_url_options
 from ._codec import LIVE, SETTLED, SETTLING, _Delivery
 from ._consumer import _Consumer, _wake
 from ._options import split_url
@@ -77,44 +75,19 @@ _STRAY_MAX = 1.0
 _REDECLARE_MARGIN = 30.0
 
 
-class _Translated:
+class _Translated(Translated):
     """The choke point where aio-pika/aiormq errors become headrace errors."""
 
-    __slots__ = ("operation", "shown", "topic")
+    __slots__ = ()
+    errors = _ERRORS
+    system = "rabbitmq"
 
-    def __init__(self, shown: str, operation: str, topic: str | None) -> None:
-        self.shown = shown
-        self.operation = operation
-        self.topic = topic
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if exc is None or not isinstance(exc, Exception):
-            return
-        context: dict[str, Any] = {"url": self.shown, "operation": self.operation}
-        where = f"rabbitmq {self.operation}"
-        if self.topic is not None:
-            context["topic"] = self.topic
-            where += f"({self.topic!r})"
-        with translate_errors(
-            _ERRORS,
-            message=lambda error: (
-                f"{where} failed on {self.shown}: {type(error).__name__}: "
-                f"{redact(str(error)) or 'connection closed'}"
-            ),
-            context=context,
-        ):
-            raise exc.with_traceback(traceback)
+    def describe(self, error: BaseException) -> str:
+        # A lost connection's error often has no text of its own.
+        return super().describe(error) or "connection closed"
 
 
-class _RabbitConnection:
+class _RabbitConnection(ServerBroker):
     """The state and plumbing of a :class:`~._broker.RabbitMQBroker` (its base class).
 
     The constructor's arguments are documented on :class:`~._broker.RabbitMQBroker`.
@@ -132,24 +105,15 @@ class _RabbitConnection:
         clock: Clock | None = None,
         **connect_options: Any,
     ) -> None:
-        if not isinstance(url, str):
-            raise ConfigurationError(
-                f"RabbitMQBroker(url=...) must be a string, got {type(url).__name__}",
-                code="invalid_broker_url",
-            )
-        amqp_url, from_url = split_url(url)
-        given: dict[str, Any] = {
-            "prefix": prefix,
-            "prefetch": prefetch,
-            "lease": lease,
-            "max_deliveries": max_deliveries,
-        }
-        defaults = _RabbitConnection.__init__.__kwdefaults__ or {}
-        # A keyword argument left at its default yields to the URL's value.
-        options = {
-            name: from_url[name] if name in from_url and value == defaults.get(name) else value
-            for name, value in given.items()
-        }
+        amqp_url, from_url = split_url(check_url_type(url, "RabbitMQBroker(url=...)"))
+        options = merge_url_options(
+            from_url,
+            _RabbitConnection.__init__.__kwdefaults__,
+            prefix=prefix,
+            prefetch=prefetch,
+            lease=lease,
+            max_deliveries=max_deliveries,
+        )
         prefix, prefetch = options["prefix"], options["prefetch"]
         if not isinstance(prefix, str) or len(prefix.encode()) > 100:
             raise ConfigurationError(
@@ -207,16 +171,6 @@ class _RabbitConnection:
         self._closed = False
         self._close_waiters: set[asyncio.Future[None]] = set()
 
-    def __del__(self) -> None:
-        # getattr: __init__ may have failed before setting the attributes.
-        if getattr(self, "_connected", False) and not getattr(self, "_closed", True):
-            warnings.warn(
-                f"unclosed {self!r}: call await broker.close() (or use async with)",
-                ResourceWarning,
-                stacklevel=2,
-                source=self,
-            )
-
     # -- properties ------------------------------------------------------------------
 
     @property
@@ -226,17 +180,9 @@ class _RabbitConnection:
         return _CAPABILITIES
 
     @property
-    def max_deliveries(self) -> int | None:
-        return self._max_deliveries
-
-    @property
     def prefetch(self) -> int:
         """How many unacked deliveries RabbitMQ pushes to each topic's consumer."""
         return self._prefetch
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def declared_queues(self) -> frozenset[str]:
@@ -263,12 +209,6 @@ class _RabbitConnection:
 
     def _translated(self, operation: str, topic: str | None = None) -> _Translated:
         return _Translated(self._shown, operation, topic)
-
-    def _check_open(self, operation: str) -> None:
-        if self._closed:
-            raise ClosedResourceError(
-                f"{operation}() on a closed {self!r}", context={"operation": operation}
-            )
 
     @staticmethod
     def _is_open(connection: aio_pika.abc.AbstractConnection | None) -> bool:

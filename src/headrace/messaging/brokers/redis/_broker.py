@@ -94,18 +94,6 @@ class RedisBroker(_RedisConnection):
                 await broker.ack([message])
     """
 
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> RedisBroker:
-        """The broker for ``url``; keyword ``options`` win over the URL's query."""
-        return cls(url, **options)
-
-    async def __aenter__(self) -> RedisBroker:
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
     # -- publish ---------------------------------------------------------------------
 
     async def publish(self, topic: str, messages: Sequence[OutgoingMessage]) -> list[str]:

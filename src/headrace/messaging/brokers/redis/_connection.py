@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import warnings
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
@@ -22,13 +20,13 @@ from ...._clock import Clock, default_clock
 from ...._errors import (
     BrokerConnectionError,
     BrokerError,
-    ClosedResourceError,
     ConfigurationError,
     redact,
-    translate_errors,
 )
 from ..._broker import BrokerCapabilities
 from .. import check_lease, check_max_deliveries, check_topic
+from .._base import ServerBroker, Translated
+from .._options import check_url_type, merge_url_options
 from . import _scripts as scripts
 from ._options import _default_consumer, _split_url
 
@@ -64,46 +62,16 @@ class _Keys(NamedTuple):
     dead: str
 
 
-class _Translated:
+class _Translated(Translated):
     """The choke point where redis-py errors become headrace errors (a context manager).
 
     A class rather than a generator: it is entered twice per fetch-and-ack batch, and
     does nothing at all unless the block raises.
     """
 
-    __slots__ = ("operation", "topic", "url")
-
-    def __init__(self, url: str, operation: str, topic: str | None) -> None:
-        self.url = url
-        self.operation = operation
-        self.topic = topic
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        # Returns None, never true: an error is translated or passed on, never swallowed.
-        if exc is None or not isinstance(exc, Exception):
-            return
-        url = redact(self.url)
-        context: dict[str, Any] = {"url": url, "operation": self.operation}
-        where = f"redis {self.operation}"
-        if self.topic is not None:
-            context["topic"] = self.topic
-            where += f"({self.topic!r})"
-        with translate_errors(
-            _ERRORS,
-            message=lambda error: (
-                f"{where} failed on {url}: {type(error).__name__}: {redact(str(error))}"
-            ),
-            context=context,
-        ):
-            raise exc.with_traceback(traceback)
+    __slots__ = ()
+    errors = _ERRORS
+    system = "redis"
 
 
 class _TopicState:
@@ -149,7 +117,7 @@ def _socket_timeout(client: aioredis.Redis) -> float | None:
     return None
 
 
-class _RedisConnection:
+class _RedisConnection(ServerBroker):
     """The state and plumbing of a :class:`~._broker.RedisBroker` (its base class).
 
     Split off so that the broker's operations fit one file; the constructor's arguments
@@ -172,28 +140,19 @@ class _RedisConnection:
         clock: Clock | None = None,
         **redis_options: Any,
     ) -> None:
-        if not isinstance(url, str):
-            raise ConfigurationError(
-                f"RedisBroker(url=...) must be a string, got {type(url).__name__}",
-                code="invalid_broker_url",
-            )
-        redis_url, from_url = _split_url(url)
-        given: dict[str, Any] = {
-            "group": group,
-            "consumer": consumer,
-            "prefix": prefix,
-            "lease": lease,
-            "max_lease": max_lease,
-            "max_deliveries": max_deliveries,
-            "trim_acked": trim_acked,
-            "reclaim_interval": reclaim_interval,
-        }
-        defaults = _RedisConnection.__init__.__kwdefaults__ or {}
-        # A keyword argument left at its default yields to the URL's value.
-        options = {
-            name: from_url[name] if name in from_url and value == defaults.get(name) else value
-            for name, value in given.items()
-        }
+        redis_url, from_url = _split_url(check_url_type(url, "RedisBroker(url=...)"))
+        options = merge_url_options(
+            from_url,
+            _RedisConnection.__init__.__kwdefaults__,
+            group=group,
+            consumer=consumer,
+            prefix=prefix,
+            lease=lease,
+            max_lease=max_lease,
+            max_deliveries=max_deliveries,
+            trim_acked=trim_acked,
+            reclaim_interval=reclaim_interval,
+        )
         for name in ("group", "consumer", "prefix"):
             value = options[name]
             if value is None and name == "consumer":
@@ -215,6 +174,7 @@ class _RedisConnection:
             options["reclaim_interval"], where="RedisBroker(reclaim_interval)"
         )
         self._url = redis_url
+        self._shown: str = redact(redis_url)
         self._group: str = options["group"]
         self._consumer: str = options["consumer"] or _default_consumer()
         self._prefix: str = options["prefix"]
@@ -255,16 +215,6 @@ class _RedisConnection:
         self._closed = False
         self._close_waiters: set[asyncio.Future[None]] = set()
 
-    def __del__(self) -> None:
-        # getattr: __init__ may have failed before setting the attributes.
-        if getattr(self, "_connected", False) and not getattr(self, "_closed", True):
-            warnings.warn(
-                f"unclosed {self!r}: call await broker.close() (or use async with)",
-                ResourceWarning,
-                stacklevel=2,
-                source=self,
-            )
-
     # -- properties ------------------------------------------------------------------
 
     @property
@@ -282,14 +232,6 @@ class _RedisConnection:
         """The consumer group's name."""
         return self._group
 
-    @property
-    def max_deliveries(self) -> int | None:
-        return self._max_deliveries
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def stream_key(self, topic: str) -> str:
         """The Redis key of ``topic``'s stream; the other keys add ``:delayed``,
         ``:returned``, ``:signal`` and ``:dead`` to it."""
@@ -298,7 +240,7 @@ class _RedisConnection:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return (
-            f"RedisBroker(url={redact(self._url)!r}, group={self._group!r}, "
+            f"RedisBroker(url={self._shown!r}, group={self._group!r}, "
             f"consumer={self._consumer!r}, {state})"
         )
 
@@ -339,13 +281,7 @@ class _RedisConnection:
         return await call()
 
     def _translated(self, operation: str, topic: str | None = None) -> _Translated:
-        return _Translated(self._url, operation, topic)
-
-    def _check_open(self, operation: str) -> None:
-        if self._closed:
-            raise ClosedResourceError(
-                f"{operation}() on a closed {self!r}", context={"operation": operation}
-            )
+        return _Translated(self._shown, operation, topic)
 
     def _state(self, topic: str) -> _TopicState:
         state = self._topics.get(topic)

@@ -103,13 +103,6 @@ class SqliteBroker(_SqliteConnection):
             await broker.ack(batch)
     """
 
-    async def __aenter__(self) -> SqliteBroker:
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
     # -- publishing ---------------------------------------------------------------------
 
     async def publish(self, topic: str, messages: Sequence[OutgoingMessage]) -> list[str]:

@@ -30,13 +30,13 @@ from typing import Any, TypeVar
 from ...._clock import Clock, default_clock
 from ...._errors import (
     BrokerError,
-    ClosedResourceError,
     ConfigurationError,
     HeadraceError,
     translate_errors,
 )
 from ..._broker import BrokerCapabilities, Message
 from .. import check_lease, check_max_deliveries
+from .._base import BrokerLifecycle
 from ._store import SqliteStore
 from ._wakeups import Waiter, wake
 
@@ -84,7 +84,7 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
-class _SqliteConnection:
+class _SqliteConnection(BrokerLifecycle):
     """The state and plumbing of a :class:`~._broker.SqliteBroker` (its base class).
 
     The constructor's arguments are documented on :class:`~._broker.SqliteBroker`.
@@ -177,14 +177,6 @@ class _SqliteConnection:
     def path(self) -> str:
         return self._path
 
-    @property
-    def max_deliveries(self) -> int | None:
-        return self._max_deliveries
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._connected else "new"
         return f"SqliteBroker({self._path!r}, {state})"
@@ -199,12 +191,6 @@ class _SqliteConnection:
             if self._inline_store is not None:
                 self._inline_store.close()
             self._executor.shutdown(wait=False)
-
-    def _check_open(self, operation: str) -> None:
-        if self._closed:
-            raise ClosedResourceError(
-                f"{operation}() on a closed {self!r}", context={"operation": operation}
-            )
 
     def _wall(self) -> float:
         # Never backwards within this broker (NTP steps), so publish order stays order.
