@@ -16,7 +16,9 @@ Nothing here imports a broker client: adapters are imported on their own (or thr
 The helpers below validate the arguments of the :class:`~headrace.messaging.Broker`
 operations the same way in every adapter, so a bad call fails with the same
 :class:`~headrace.ConfigurationError` (code ``invalid_configuration``) or
-:class:`~headrace.InvalidMessage` whichever broker is behind it.
+:class:`~headrace.InvalidMessage` whichever broker is behind it. What else the
+adapters share lives in two private modules: ``_options`` (a URL's broker options,
+scrubbing secrets) and ``_base`` (lifecycle, the error choke point).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from ..._errors import BrokerError, ConfigurationError, InvalidMessage
 from .._broker import OutgoingMessage
 
 __all__ = [
+    "check_dead_letters_limit",
     "check_error_record",
     "check_fetch_arguments",
     "check_lease",
+    "check_nack_delay",
     "check_outgoing",
     "check_topic",
     "max_deliveries_record",
@@ -92,6 +96,29 @@ def check_fetch_arguments(max_messages: object, timeout: object, lease: object) 
             code="invalid_fetch",
         )
     check_lease(lease, where="fetch(lease)")
+
+
+def check_nack_delay(delay: object) -> float:
+    """Return ``nack(delay=)`` (seconds) if it is a finite number >= 0."""
+    if (
+        isinstance(delay, bool)
+        or not isinstance(delay, int | float)
+        or not math.isfinite(delay)
+        or delay < 0
+    ):
+        raise ConfigurationError(
+            f"nack(delay={delay!r}) must be finite seconds >= 0", code="invalid_nack"
+        )
+    return float(delay)
+
+
+def check_dead_letters_limit(limit: object) -> int:
+    """Return ``dead_letters(limit=)`` if it is an integer >= 1."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigurationError(
+            f"dead_letters(limit={limit!r}) must be an integer >= 1", code="invalid_limit"
+        )
+    return limit
 
 
 def check_outgoing(topic: str, messages: Sequence[OutgoingMessage]) -> list[OutgoingMessage]:

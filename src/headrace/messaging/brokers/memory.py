@@ -19,13 +19,14 @@ from typing import Any
 import msgspec
 
 from ..._clock import Clock, TimerHandle, default_clock
-from ..._errors import ConfigurationError
 from .._broker import BrokerCapabilities, DeadLetter, Message, OutgoingMessage, TopicStats
 from . import (
+    check_dead_letters_limit,
     check_error_record,
     check_fetch_arguments,
     check_lease,
     check_max_deliveries,
+    check_nack_delay,
     check_outgoing,
     check_topic,
     max_deliveries_record,
@@ -349,15 +350,7 @@ class MemoryBroker(BrokerLifecycle):
         Messages whose delivery is no longer current (lease expired and re-delivered,
         acked) are left alone."""
         self._check_open("nack")
-        if (
-            isinstance(delay, bool)
-            or not isinstance(delay, int | float)
-            or not math.isfinite(delay)
-            or delay < 0
-        ):
-            raise ConfigurationError(
-                f"nack(delay={delay!r}) must be a number of seconds >= 0", code="invalid_nack"
-            )
+        check_nack_delay(delay)
         self._return(messages, float(delay), cost=1)
 
     async def hand_back(self, messages: Sequence[Message]) -> None:
@@ -415,10 +408,7 @@ class MemoryBroker(BrokerLifecycle):
         """The newest ``limit`` dead letters of ``topic``, newest first."""
         self._check_open("dead_letters")
         check_topic(topic)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigurationError(
-                f"dead_letters(limit={limit!r}) must be an integer >= 1", code="invalid_limit"
-            )
+        check_dead_letters_limit(limit)
         queue = self._store.topics.get(topic)
         if queue is None:
             return []

@@ -18,9 +18,11 @@ from nats.aio.msg import Msg
 from ...._errors import BrokerConnectionError, BrokerError, ConfigurationError
 from ..._broker import DeadLetter, Message, OutgoingMessage, TopicStats
 from .. import (
+    check_dead_letters_limit,
     check_error_record,
     check_fetch_arguments,
     check_lease,
+    check_nack_delay,
     check_outgoing,
     check_topic,
     max_deliveries_record,
@@ -371,15 +373,7 @@ class NatsBroker(_NatsConnection):
         Messages no longer held by this delivery are left alone.
         """
         self._check_open("nack")
-        if (
-            isinstance(delay, bool)
-            or not isinstance(delay, int | float)
-            or not math.isfinite(delay)
-            or delay < 0
-        ):
-            raise ConfigurationError(
-                f"nack(delay={delay!r}) must be a number of seconds >= 0", code="invalid_nack"
-            )
+        check_nack_delay(delay)
         for topic, batch in self._by_topic(messages).items():
             held = self._held(batch)
             if not held:
@@ -490,10 +484,7 @@ class NatsBroker(_NatsConnection):
         dead-lettered it)."""
         self._check_open("dead_letters")
         check_topic(topic)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigurationError(
-                f"dead_letters(limit={limit!r}) must be an integer >= 1", code="invalid_limit"
-            )
+        check_dead_letters_limit(limit)
         if not self._connected:
             await self.connect()
         state = self._state(topic)

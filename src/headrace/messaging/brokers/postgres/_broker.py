@@ -9,7 +9,6 @@ letters and their replay.
 from __future__ import annotations
 
 import asyncio
-import math
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,9 +20,11 @@ from ...._cancel import shielded
 from ...._errors import ClosedResourceError, ConfigurationError
 from ..._broker import DeadLetter, Message, OutgoingMessage, TopicStats
 from .. import (
+    check_dead_letters_limit,
     check_error_record,
     check_fetch_arguments,
     check_lease,
+    check_nack_delay,
     check_outgoing,
     check_topic,
     max_deliveries_record,
@@ -425,15 +426,7 @@ class PostgresBroker(_PostgresConnection):
         Messages no longer held by this delivery (lease expired and taken by another
         consumer, acked) are left alone."""
         self._check_open("nack")
-        if (
-            isinstance(delay, bool)
-            or not isinstance(delay, int | float)
-            or not math.isfinite(delay)
-            or delay < 0
-        ):
-            raise ConfigurationError(
-                f"nack(delay={delay!r}) must be finite seconds >= 0", code="invalid_nack"
-            )
+        check_nack_delay(delay)
         await self._release("nack", messages, float(delay))
 
     async def hand_back(self, messages: Sequence[Message]) -> None:
@@ -509,10 +502,7 @@ class PostgresBroker(_PostgresConnection):
         (``dead_lettered_at``: the server's Unix time in seconds)."""
         self._check_open("dead_letters")
         check_topic(topic)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigurationError(
-                f"dead_letters(limit={limit!r}) must be an integer >= 1", code="invalid_limit"
-            )
+        check_dead_letters_limit(limit)
 
         async def work(conn: Connection) -> list[Any]:
             cursor = await conn.execute(self._sql.dead_letters, {"topic": topic, "limit": limit})

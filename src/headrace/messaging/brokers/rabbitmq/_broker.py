@@ -21,9 +21,11 @@ from pamqp.commands import Basic
 from ...._errors import BrokerError, ConfigurationError
 from ..._broker import DeadLetter, Message, OutgoingMessage, TopicStats
 from .. import (
+    check_dead_letters_limit,
     check_error_record,
     check_fetch_arguments,
     check_lease,
+    check_nack_delay,
     check_outgoing,
     check_topic,
     max_deliveries_record,
@@ -293,15 +295,7 @@ class RabbitMQBroker(_RabbitConnection):
         count, then an ack. Messages no longer held by this delivery are left alone.
         """
         self._check_open("nack")
-        if (
-            isinstance(delay, bool)
-            or not isinstance(delay, int | float)
-            or not math.isfinite(delay)
-            or delay < 0
-        ):
-            raise ConfigurationError(
-                f"nack(delay={delay!r}) must be a number of seconds >= 0", code="invalid_nack"
-            )
+        check_nack_delay(delay)
         _check_receipts(messages)
         if not messages:
             return
@@ -395,10 +389,7 @@ class RabbitMQBroker(_RabbitConnection):
         dead-lettered itself)."""
         self._check_open("dead_letters")
         check_topic(topic)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigurationError(
-                f"dead_letters(limit={limit!r}) must be an integer >= 1", code="invalid_limit"
-            )
+        check_dead_letters_limit(limit)
         with self._translated("dead_letters", topic):
             channel, taken = await self._read_dead(topic)
             if channel is not None:

@@ -21,9 +21,11 @@ from ...._cancel import shielded
 from ...._errors import BrokerError, ConfigurationError
 from ..._broker import DeadLetter, Message, OutgoingMessage, TopicStats
 from .. import (
+    check_dead_letters_limit,
     check_error_record,
     check_fetch_arguments,
     check_lease,
+    check_nack_delay,
     check_outgoing,
     check_topic,
     max_deliveries_record,
@@ -418,15 +420,7 @@ class RedisBroker(_RedisConnection):
         Messages no longer held by this delivery are left alone.
         """
         self._check_open("nack")
-        if (
-            isinstance(delay, bool)
-            or not isinstance(delay, int | float)
-            or not math.isfinite(delay)
-            or delay < 0
-        ):
-            raise ConfigurationError(
-                f"nack(delay={delay!r}) must be a number of seconds >= 0", code="invalid_nack"
-            )
+        check_nack_delay(delay)
         await self._return(messages, mode="n", delay=float(delay))
 
     async def hand_back(self, messages: Sequence[Message]) -> None:
@@ -506,10 +500,7 @@ class RedisBroker(_RedisConnection):
         ``dead_lettered_at`` is the Redis server's Unix time in seconds."""
         self._check_open("dead_letters")
         check_topic(topic)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigurationError(
-                f"dead_letters(limit={limit!r}) must be an integer >= 1", code="invalid_limit"
-            )
+        check_dead_letters_limit(limit)
         keys = self._state(topic).keys
         with self._translated("dead_letters", topic):
             entries = await self._client.xrevrange(keys.dead, "+", "-", count=limit)

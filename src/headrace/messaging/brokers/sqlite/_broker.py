@@ -17,12 +17,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...._clock import TimerHandle
-from ...._errors import ClosedResourceError, ConfigurationError, translate_errors
+from ...._errors import ClosedResourceError, translate_errors
 from ..._broker import DeadLetter, Message, OutgoingMessage, TopicStats
 from .. import (
+    check_dead_letters_limit,
     check_error_record,
     check_fetch_arguments,
     check_lease,
+    check_nack_delay,
     check_outgoing,
     check_topic,
 )
@@ -422,15 +424,7 @@ class SqliteBroker(_SqliteConnection):
         Messages no longer held by this delivery (lease expired and taken by another
         consumer, acked) are left alone."""
         self._check_open("nack")
-        if (
-            isinstance(delay, bool)
-            or not isinstance(delay, int | float)
-            or not math.isfinite(delay)
-            or delay < 0
-        ):
-            raise ConfigurationError(
-                f"nack(delay={delay!r}) must be finite seconds >= 0", code="invalid_nack"
-            )
+        check_nack_delay(delay)
         if messages:
             ready_at = self._wall() + delay
             await self._call("nack", self._store.release, list(messages), ready_at, 1)
@@ -467,10 +461,7 @@ class SqliteBroker(_SqliteConnection):
         """The newest ``limit`` dead letters of ``topic``, newest first."""
         self._check_open("dead_letters")
         check_topic(topic)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigurationError(
-                f"dead_letters(limit={limit!r}) must be an integer >= 1", code="invalid_limit"
-            )
+        check_dead_letters_limit(limit)
         return await self._call("dead_letters", self._store.dead_letters, topic, limit)
 
     async def topic_stats(self, topic: str) -> TopicStats:
