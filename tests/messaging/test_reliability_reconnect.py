@@ -76,6 +76,10 @@ WINDOW = CONCURRENCY + max(0, ACK_BATCH - CONCURRENCY) + ACK_BATCH
 LEASE = 3.0
 OUTAGE = 1.5
 CUTS_BEFORE, CUTS_AFTER = 3, 2
+# The worker of every R4 scenario: 16 handlers of 20 ms, short leases, ready once
+# 200 messages were handled (under load).
+UNDER_LOAD = ("--concurrency", str(CONCURRENCY), "--work-ms", "20", "--lease", str(LEASE),
+              "--ready-after", "200")  # fmt: skip
 FETCH_FAILED = re.compile(r"fetch from 'load' failed .*; retrying in ([0-9.]+) s")
 
 
@@ -237,18 +241,7 @@ async def play_chaos(
     load, ``await outage()`` (returns its (start, end)), more cuts, wait until every
     message in ``ids`` is handled and ``await settled()``; then cut the idle worker's
     connections twice, ``ids += await publish_more()``, wait again, SIGTERM."""
-    worker = await Worker.start(
-        url,
-        effects_path,
-        "--concurrency",
-        str(CONCURRENCY),
-        "--work-ms",
-        "20",
-        "--lease",
-        str(LEASE),
-        "--ready-after",
-        "200",
-    )
+    worker = await Worker.start(url, effects_path, *UNDER_LOAD)
 
     async def settled_and_handled() -> bool:
         assert worker.process.returncode is None, worker.stderr()[-3000:]
@@ -654,18 +647,7 @@ async def test_r4_sqlite_file_locked_by_another_process_loses_nothing(
         url += f"&busy_timeout={busy_timeout}"
     ids = await publish(url, MESSAGES)
     effects_path = tmp_path / "effects.db"
-    worker = await Worker.start(
-        url,
-        effects_path,
-        "--concurrency",
-        str(CONCURRENCY),
-        "--work-ms",
-        "20",
-        "--lease",
-        str(LEASE),
-        "--ready-after",
-        "200",
-    )
+    worker = await Worker.start(url, effects_path, *UNDER_LOAD)
     try:
         await worker.wait_ready()
         await asyncio.sleep(0.5)
