@@ -198,6 +198,16 @@ async def publish(url: str, count: int) -> list[str]:
         await broker.close()
 
 
+async def stored(url: str) -> int:
+    """Messages of 'load' not yet settled as the broker counts them, read directly."""
+    broker: Broker = open_broker(url)
+    await broker.connect()
+    try:
+        return (await broker.topic_stats("load")).stored
+    finally:
+        await broker.close()
+
+
 async def leftovers(url: str) -> tuple[int, int]:
     """(deliverable now, dead letters) on a broker: what a fresh consumer would get."""
     broker: Broker = open_broker(url)
@@ -712,16 +722,6 @@ def postgres_target(postgres_url: str) -> Iterator[tuple[str, str]]:
         connection.execute(f"DROP TABLE IF EXISTS {prefix}messages, {prefix}dead_letters")
 
 
-async def postgres_stored(url: str) -> int:
-    """Messages of 'load' not yet settled (ready, delayed or leased), read directly."""
-    broker: Broker = open_broker(url)
-    await broker.connect()
-    try:
-        return (await broker.topic_stats("load")).stored
-    finally:
-        await broker.close()
-
-
 @pytest.mark.parametrize("trial", range(TRIALS))
 @pytest.mark.parametrize("mode", ["reset", "blackhole"])
 @pytest.mark.timeout(150)
@@ -745,7 +745,7 @@ async def test_r4_postgres_connection_drops_and_outage_lose_nothing(
             url += "&command_timeout=1&connect_timeout=2"
 
         async def settled() -> bool:
-            return await postgres_stored(direct) == 0
+            return await stored(direct) == 0
 
         chaos, worker = await play_chaos(
             proxy,
@@ -813,16 +813,6 @@ def server_target(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, in
     prefix = f"hr-r4-{suffix}."
     yield url, prefix, 5672
     delete_queues(url, [f"{prefix}load", f"{prefix}load.dead"])
-
-
-async def stored(url: str) -> int:
-    """Messages of 'load' not yet settled as the broker counts them, read directly."""
-    broker: Broker = open_broker(url)
-    await broker.connect()
-    try:
-        return (await broker.topic_stats("load")).stored
-    finally:
-        await broker.close()
 
 
 @pytest.mark.parametrize("trial", range(TRIALS))
